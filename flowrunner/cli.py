@@ -1,0 +1,132 @@
+"""The command line: the Click group, the one asyncio.run, the one place that prints errors.
+
+Imports stay lazy: `--help` and `validate` never import openai, asyncpg or pyodbc."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import FlowDefinitionError, FlowError, Problem
+
+EXIT_INTERRUPTED = 130
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="flowrunner")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.option("--log-format", type=click.Choice(["console", "json"]), default=None,
+              help="Log lines on stderr (default: console on a terminal, json otherwise).")
+@click.option("-v", "--verbose", is_flag=True, help="Log each step (info level).")
+@click.option("-q", "--quiet", is_flag=True, help="Log errors only.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, log_format: str | None, verbose: bool, quiet: bool) -> None:
+    """Run declarative YAML flows for LLM chat backends.
+
+    \b
+    flowrunner run flows/hello.yaml -i name=Ada
+    flowrunner validate flows/
+    flowrunner steps set
+    """
+    level = "debug" if debug else "info" if verbose else "error" if quiet else None
+    ctx.obj = {"debug": debug, "log_format": log_format, "log_level": level}
+
+
+@cli.command()
+@click.argument("flow", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-i", "--input", "pairs", multiple=True, metavar="NAME=VALUE",
+              help="A flow input; coerced to its declared type. Repeat for more.")
+@click.option("--inputs-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Inputs from a JSON or YAML mapping (-i values override it).")
+@click.option("--connections", "connections_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Connections from a separate YAML file (they override the flow's own).")
+@click.option("--sink", default=None, metavar="SINK",
+              help="stdout (default), none, jsonl:PATH, jsonl:- or file:PATH.")
+@click.option("--output", "output_format", type=click.Choice(["text", "json"]), default="text",
+              help="json: print the flow's outputs as one JSON object at the end.")
+@click.pass_obj
+def run(obj: dict[str, Any], flow: Path, pairs: tuple[str, ...], inputs_file: Path | None,
+        connections_file: Path | None, sink: str | None, output_format: str) -> int:
+    """Run FLOW once; the streamed text goes to stdout as it arrives, logs to stderr."""
+    from .runner import run_once
+
+    return run_once(flow, pairs, inputs_file, connections_file, sink, output_format, obj)
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "github"]), default="text",
+              help="github: GitHub Actions annotations.")
+@click.option("--connections", "connections_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Connections the flows may use, from a separate YAML file.")
+def validate(paths: tuple[Path, ...], fmt: str, connections_file: Path | None) -> int:
+    """Check flow files (and folders of them) offline; exit 1 if any is invalid."""
+    from .validate import validate_paths
+
+    return validate_paths(paths, fmt, connections_file)
+
+
+@cli.command()
+def schema() -> int:
+    """Print the JSON Schema of flow files (also in schemas/flow.schema.json)."""
+    from .flow.schema import schema_text
+
+    click.echo(schema_text(), nl=False)
+    return 0
+
+
+@cli.command()
+@click.argument("type_name", required=False, metavar="[TYPE]")
+def steps(type_name: str | None) -> int:
+    """List the step types, or describe one."""
+    from .docs import describe_step, list_steps
+
+    click.echo(describe_step(type_name) if type_name else list_steps(), nl=False)
+    return 0
+
+
+def print_error(error: FlowError, debug: bool = False) -> None:
+    """The one error printer: `Error: file:line:col: path: message` plus a hint, never a traceback
+    unless --debug, never a secret."""
+    from . import secrets
+
+    if debug:
+        import traceback
+
+        click.echo(secrets.redact("".join(traceback.format_exception(error.__cause__ or error))), err=True)
+    for problem in error.problems:
+        click.echo("Error: " + secrets.redact(problem.format()), err=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        rc = cli.main(args=argv, prog_name="flowrunner", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Interrupted.", err=True)
+        rc = EXIT_INTERRUPTED
+    except click.ClickException as e:
+        e.show()
+        rc = e.exit_code
+    except FlowError as e:
+        print_error(e, debug)
+        rc = e.exit_code
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        rc = EXIT_INTERRUPTED
+    except BrokenPipeError:
+        rc = 1  # the reader went away (e.g. `| head`); nothing useful left to print
+    except Exception as e:  # a bug: say so plainly, and keep the traceback for --debug
+        print_error(FlowError(Problem(f"internal error: {type(e).__name__}: {e}",
+                                      hint="run with --debug for the traceback, and please report it")), debug)
+        if debug:
+            raise
+        rc = 1
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+__all__ = ["cli", "main", "print_error", "FlowDefinitionError"]

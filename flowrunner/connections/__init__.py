@@ -1,0 +1,1 @@
+"""Connection types: their properties (for the schema) and which fields are secrets."""

@@ -1,0 +1,281 @@
+"""Flow file -> Flow model, collecting every schema and reference problem of the file at once."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .. import refs
+from ..connections.registry import CONNECTION_TYPES
+from ..errors import FlowDefinitionError, Problem, did_you_mean
+from ..steps import STEP_TYPES
+from .inputs import InputError, coerce
+from .load import PathKey, SourceMap, format_path, parse_yaml, read_text
+from .model import INPUT_TYPES, ConnectionSpec, Flow, InputSpec, RetrySpec, StepSpec, frozen
+from .schema import schema_problems
+
+COMMON_KEYS = {"id", "type", "title", "description", "timeout", "retry", "run_on_failure"}
+
+
+def load_flow(file: str | Path, connections: dict[str, ConnectionSpec] | None = None) -> Flow:
+    """Load and check a flow file. `connections` (from --connections FILE) override the flow's own."""
+    return load_flow_text(read_text(file), str(file), connections)
+
+
+def load_flow_text(text: str, file: str = "<string>", connections: dict[str, ConnectionSpec] | None = None) -> Flow:
+    data, smap = parse_yaml(text, file)
+    problems = schema_problems(data, smap)
+    flow = None
+    if isinstance(data, dict):
+        builder = _Builder(data, smap, connections or {})
+        flow = builder.build()
+        problems += [p for p in builder.problems if p not in problems]
+    else:
+        problems = problems or [Problem("a flow file must be a mapping", smap.location(()))]
+    if problems or flow is None:
+        problems.sort(key=lambda p: (p.location.line or 0, p.location.col or 0) if p.location else (0, 0))
+        raise FlowDefinitionError(problems)
+    return flow
+
+
+class _Builder:
+    """Tolerant of data that failed the schema: it checks what it can, so one run shows all problems."""
+
+    def __init__(self, data: dict[str, Any], smap: SourceMap, extra: dict[str, ConnectionSpec] | None = None) -> None:
+        self.data, self.smap = data, smap
+        self.extra = extra or {}
+        self.problems: list[Problem] = []
+
+    def problem(self, message: str, path: PathKey, hint: str | None = None, *, key: bool = False) -> None:
+        self.problems.append(Problem(message, self.smap.location(path, key=key), format_path(path), hint))
+
+    def build(self) -> Flow | None:
+        inputs = self._inputs()
+        connections = {**self._connections(), **self.extra}
+        steps = self._steps(inputs, connections)
+        outputs = self._outputs(inputs, steps)
+        name = self.data.get("name")
+        if self.problems or not isinstance(name, str) or steps is None:
+            return None
+        return Flow(
+            name=name,
+            version=1,
+            file=self.smap.file,
+            description=self.data.get("description"),
+            inputs=frozen(inputs),
+            connections=frozen(connections),
+            steps=tuple(steps),
+            outputs=frozen(outputs),
+            source=self.smap,
+        )
+
+    def _inputs(self) -> dict[str, InputSpec]:
+        raw = self.data.get("inputs") or {}
+        out: dict[str, InputSpec] = {}
+        if not isinstance(raw, dict):
+            return out
+        for name, decl in raw.items():
+            if not isinstance(decl, dict) or decl.get("type", "string") not in INPUT_TYPES:
+                continue
+            spec = InputSpec(name, decl.get("type", "string"), decl.get("default"), "default" in decl,
+                             decl.get("description"), tuple(decl["enum"]) if isinstance(decl.get("enum"), list) else None)
+            if spec.has_default and spec.default is not None:
+                try:
+                    coerce(spec, spec.default, from_text=False)
+                except InputError as e:
+                    self.problem(f"default does not fit: {e.reason}", ("inputs", name, "default"))
+            out[name] = spec
+        return out
+
+    def _compile(self, value: Any, path: PathKey) -> Any:
+        """Parse references in every string of `value`; syntax errors become problems."""
+        if isinstance(value, str):
+            try:
+                return refs.parse(value)
+            except refs.RefSyntaxError as e:
+                where = self.smap.find_in_value(path, e.fragment)
+                self.problems.append(Problem(e.message, where, format_path(path), e.hint))
+                return value
+        if isinstance(value, dict):
+            return {k: self._compile(v, (*path, k)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._compile(v, (*path, i)) for i, v in enumerate(value)]
+        return value
+
+    def _connections(self) -> dict[str, ConnectionSpec]:
+        raw = self.data.get("connections") or {}
+        out: dict[str, ConnectionSpec] = {}
+        if not isinstance(raw, dict):
+            return out
+        for name, decl in raw.items():
+            if not isinstance(decl, dict) or decl.get("type") not in CONNECTION_TYPES:
+                continue
+            path = ("connections", name)
+            config = self._compile({k: v for k, v in decl.items() if k != "type"}, path)
+            for ref_path, ref in _refs_in(config, path):
+                if ref.kind != "env":
+                    self._ref_problem(ref, ref_path, f"{ref.text}: connections may only use ${{env.NAME}}",
+                                      "connections are opened before any step runs; pass other values to steps")
+            out[name] = ConnectionSpec(name, decl["type"], frozen(config), path)
+        return out
+
+    def _steps(self, inputs: dict[str, InputSpec], connections: dict[str, ConnectionSpec]) -> list[StepSpec] | None:
+        raw = self.data.get("steps")
+        if not isinstance(raw, list):
+            return None
+        specs: list[StepSpec] = []
+        first_seen: dict[str, int] = {}
+        for index, item in enumerate(raw):
+            if not isinstance(item, dict) or not isinstance(item.get("id"), str) or item.get("type") not in STEP_TYPES:
+                continue
+            path: PathKey = ("steps", index)
+            sid = item["id"]
+            if sid in first_seen:
+                line = self.smap.location(("steps", first_seen[sid], "id")).line
+                self.problem(f"duplicate step id '{sid}' (first used on line {line})", (*path, "id"),
+                             "step ids must be unique; rename one")
+                continue
+            first_seen[sid] = index
+            props = {k: self._compile(v, (*path, k)) for k, v in item.items() if k not in COMMON_KEYS}
+            specs.append(StepSpec(
+                id=sid, type=item["type"], index=index, props=frozen(props),
+                title=item.get("title"), description=item.get("description"),
+                timeout=self._compile(item.get("timeout"), (*path, "timeout")),
+                retry=_retry(item.get("retry")), run_on_failure=item.get("run_on_failure") is True,
+                location=self.smap.location(path),
+            ))
+        self._check_references(specs, inputs, connections)
+        return specs
+
+    def _check_references(self, specs: list[StepSpec], inputs: dict[str, InputSpec],
+                          connections: dict[str, ConnectionSpec]) -> None:
+        setter = {var: s.id for s in specs for var in STEP_TYPES[s.type].bindings(s)}
+        bound: dict[str, str] = {}
+        earlier: dict[str, StepSpec] = {}
+        for spec in specs:
+            cls = STEP_TYPES[spec.type]
+            values: list[tuple[PathKey, refs.Ref]] = list(_refs_in(dict(spec.props), spec.path))
+            values += list(_refs_in(spec.timeout, (*spec.path, "timeout")))
+            for path, ref in values:
+                self._check_ref(ref, path, spec, inputs, bound, earlier, setter)
+            if cls.connection_types and isinstance(spec.props.get("connection"), str):
+                self._check_connection(spec, cls.connection_types, connections)
+            self.problems += cls.check(spec, _PartialFlow(inputs, connections, specs))
+            for var in cls.bindings(spec):
+                bound[var] = spec.id
+            earlier[spec.id] = spec
+
+    def _check_connection(self, spec: StepSpec, allowed: tuple[str, ...], connections: dict[str, ConnectionSpec]) -> None:
+        name = spec.props["connection"]
+        path = (*spec.path, "connection")
+        conn = connections.get(name)
+        if conn is None:
+            declared = sorted(connections)
+            hint = did_you_mean(name, declared) or (
+                f"declare it under connections: (declared: {', '.join(declared)})" if declared
+                else "declare it under connections:, or pass --connections FILE")
+            self.problem(f"unknown connection '{name}'", path, hint)
+        elif conn.type not in allowed:
+            self.problem(f"connection '{name}' is {conn.type}, but a {spec.type} step needs "
+                         f"{' or '.join(allowed)}", path)
+
+    def _check_ref(self, ref: refs.Ref, path: PathKey, spec: StepSpec | None, inputs: dict[str, InputSpec],
+                   bound: dict[str, str], earlier: dict[str, StepSpec], setter: dict[str, str]) -> None:
+        kind, name = ref.kind, ref.name
+        if kind == "env":
+            self._ref_problem(ref, path, f"{ref.text}: ${{env.*}} is only allowed in connections",
+                              f"declare an input and pass it: -i {name.lower()}=\"${name}\"")
+        elif kind == "inputs":
+            if name not in inputs:
+                self._ref_problem(ref, path, f"{ref.text}: unknown input '{name}'",
+                                  did_you_mean(name, inputs) or "declare it under inputs:")
+        elif kind == "steps":
+            field = str(ref.path[1])
+            if name not in earlier:
+                if spec is not None and name == spec.id:
+                    msg, hint = f"{ref.text}: a step cannot use its own outputs", None
+                elif name in _all_ids(self.data):
+                    msg, hint = f"{ref.text}: step '{name}' runs after this one", "a step can only use outputs of earlier steps"
+                else:
+                    msg, hint = f"{ref.text}: unknown step '{name}'", did_you_mean(name, earlier)
+                self._ref_problem(ref, path, msg, hint)
+            else:
+                target = earlier[name]
+                outputs = STEP_TYPES[target.type].declared_outputs(target)
+                if field not in outputs:
+                    self._ref_problem(ref, path, f"{ref.text}: step '{name}' has no output '{field}'",
+                                      did_you_mean(field, outputs) or f"its outputs: {', '.join(outputs)}")
+        elif name not in bound:
+            if name in setter:
+                self._ref_problem(ref, path, f"{ref.text}: variable '{name}' is set by step '{setter[name]}', "
+                                  "which runs later", "move that step before this one")
+            else:
+                hint = did_you_mean(name, bound)
+                if name in inputs:
+                    hint = f"did you mean ${{inputs.{name}}}?"
+                self._ref_problem(ref, path, f"{ref.text}: unknown variable '{name}'",
+                                  hint or "variables are set by an earlier step's `result:` or a `set` step")
+
+    def _ref_problem(self, ref: refs.Ref, path: PathKey, message: str, hint: str | None) -> None:
+        self.problems.append(Problem(message, self.smap.find_in_value(path, ref.text), format_path(path), hint))
+
+    def _outputs(self, inputs: dict[str, InputSpec], steps: list[StepSpec] | None) -> dict[str, Any]:
+        raw = self.data.get("outputs") or {}
+        if not isinstance(raw, dict):
+            return {}
+        compiled = self._compile(raw, ("outputs",))
+        specs = steps or []
+        bound = {var: s.id for s in specs for var in STEP_TYPES[s.type].bindings(s)}
+        earlier = {s.id: s for s in specs}
+        for path, ref in _refs_in(compiled, ("outputs",)):
+            self._check_ref(ref, path, None, inputs, bound, earlier, bound)
+        return compiled
+
+
+class _PartialFlow:
+    """What a step type's own check() may look at while the flow is still being built."""
+
+    def __init__(self, inputs: dict[str, InputSpec], connections: dict[str, ConnectionSpec],
+                 steps: list[StepSpec]) -> None:
+        self.inputs, self.connections, self.steps = inputs, connections, steps
+
+
+def _all_ids(data: dict[str, Any]) -> set[str]:
+    steps = data.get("steps")
+    return {s["id"] for s in steps if isinstance(s, dict) and isinstance(s.get("id"), str)} if isinstance(steps, list) else set()
+
+
+def _refs_in(value: Any, path: PathKey) -> Iterator[tuple[PathKey, refs.Ref]]:
+    if isinstance(value, refs.Template):
+        for ref in value.refs:
+            yield path, ref
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _refs_in(v, (*path, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _refs_in(v, (*path, i))
+
+
+def _retry(raw: Any) -> RetrySpec:
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return RetrySpec(attempts=raw)
+    if isinstance(raw, dict):
+        return RetrySpec(**{k: raw[k] for k in ("attempts", "backoff", "max_backoff") if k in raw})
+    return RetrySpec()
+
+
+def load_connections_file(file: str | Path) -> dict[str, ConnectionSpec]:
+    """A YAML file with a top-level `connections:` mapping, as in a flow (for secrets kept apart)."""
+    from .schema import connections_file_problems
+
+    data, smap = parse_yaml(read_text(file), str(file))
+    problems = connections_file_problems(data, smap)
+    if not problems and isinstance(data, dict):
+        builder = _Builder(data, smap)
+        specs = builder._connections()
+        problems = builder.problems
+        if not problems:
+            return specs
+    raise FlowDefinitionError(problems or [Problem("expected a mapping with `connections:`", smap.location(()))])

@@ -1,0 +1,96 @@
+"""Typed flow inputs: `-i k=v` strings coerced to the declared type, defaults filled in."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from ..errors import FlowDefinitionError, Problem, did_you_mean
+from .model import Flow, InputSpec
+
+_TRUE = {"true", "yes", "y", "1", "on"}
+_FALSE = {"false", "no", "n", "0", "off"}
+
+
+class InputError(ValueError):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def coerce(spec: InputSpec, value: Any, *, from_text: bool) -> Any:
+    """`value` as the input's declared type. Text from the command line is parsed; values from a
+    JSON/YAML inputs file must already have the type (an integer may stand for a number)."""
+    t = spec.type
+    if from_text and isinstance(value, str):
+        value = _parse_text(t, value)
+    ok = {
+        "string": isinstance(value, str),
+        "integer": isinstance(value, int) and not isinstance(value, bool),
+        "number": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "boolean": isinstance(value, bool),
+        "array": isinstance(value, list),
+        "object": isinstance(value, dict),
+    }[t]
+    if not ok:
+        raise InputError(f"expected {'an' if t[0] in 'aeiou' else 'a'} {t}, got {json.dumps(value, default=str)[:60]}")
+    if t == "number" and not math.isfinite(value):
+        raise InputError("expected a finite number")
+    if spec.enum is not None and value not in spec.enum:
+        raise InputError(f"{value!r} is not one of: {', '.join(map(str, spec.enum))}")
+    return value
+
+
+def _parse_text(t: str, text: str) -> Any:
+    if t == "string":
+        return text
+    if t == "integer":
+        try:
+            return int(text.strip())
+        except ValueError:
+            raise InputError(f"expected an integer, got {text!r}") from None
+    if t == "number":
+        try:
+            return float(text) if any(c in text for c in ".eE") or text.strip().lower() in ("inf", "nan") else int(text)
+        except ValueError:
+            raise InputError(f"expected a number, got {text!r}") from None
+    if t == "boolean":
+        low = text.strip().lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise InputError(f"expected true or false, got {text!r}")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"expected JSON for an {t} ({e.msg})") from None
+
+
+def resolve_inputs(flow: Flow, given: Mapping[str, Any], *, from_text: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """All the flow's inputs: given values coerced, defaults filled; every problem reported at once.
+    `from_text` names the inputs that came as command-line text."""
+    problems: list[Problem] = []
+    values: dict[str, Any] = {}
+    for name in given:
+        if name not in flow.inputs:
+            declared = ", ".join(flow.inputs) or "none"
+            problems.append(Problem(f"unknown input '{name}'", path=f"inputs.{name}",
+                                    hint=did_you_mean(name, flow.inputs) or f"this flow's inputs: {declared}"))
+    for name, spec in flow.inputs.items():
+        if name in given:
+            try:
+                values[name] = coerce(spec, given[name], from_text=name in from_text)
+            except InputError as e:
+                problems.append(Problem(f"input '{name}': {e.reason}", path=f"inputs.{name}",
+                                        hint=f"declared as {spec.type}" + (f": {spec.description}" if spec.description else "")))
+        elif spec.has_default:
+            values[name] = spec.default
+        else:
+            problems.append(Problem(f"missing required input '{name}'", path=f"inputs.{name}",
+                                    hint=f"pass it with -i {name}=..." + (f" ({spec.description})" if spec.description else "")))
+    if problems:
+        raise FlowDefinitionError(problems)
+    return values

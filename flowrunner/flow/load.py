@@ -1,0 +1,241 @@
+"""YAML text -> plain data plus a source map from every value's path to file:line:col.
+
+Only safe YAML: the standard JSON-like tags, no object construction, no duplicate keys, and a
+budget on alias expansion so an anchor/alias bomb is refused instead of eating memory. Booleans
+are YAML 1.2's `true`/`false` only, and dates stay strings, so `default: no` means the text "no".
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import FlowDefinitionError, Location, Problem
+
+try:  # the C loader is ~10x faster; fall back where libyaml is missing
+    from yaml import CSafeLoader as _BaseLoader
+except ImportError:  # pragma: no cover
+    from yaml import SafeLoader as _BaseLoader  # type: ignore[assignment]
+
+PathKey = tuple[str | int, ...]
+MAX_NODES = 100_000  # more nodes than any real flow; alias bombs go far past it
+MAX_BYTES = 5_000_000
+
+_STR = "tag:yaml.org,2002:str"
+_ALLOWED_TAGS = {
+    _STR,
+    "tag:yaml.org,2002:int",
+    "tag:yaml.org,2002:float",
+    "tag:yaml.org,2002:bool",
+    "tag:yaml.org,2002:null",
+    "tag:yaml.org,2002:seq",
+    "tag:yaml.org,2002:map",
+    "tag:yaml.org,2002:merge",
+}
+
+
+class _Loader(_BaseLoader):  # type: ignore[misc,valid-type]
+    yaml_implicit_resolvers: dict[str, list[tuple[str, re.Pattern[str]]]] = {}
+
+
+# Rebuild the implicit resolvers without YAML 1.1's yes/no/on/off booleans and without timestamps.
+for _first, _resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items():
+    _kept = [
+        (tag, rx)
+        for tag, rx in _resolvers
+        if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:timestamp")
+    ]
+    if _kept:
+        _Loader.yaml_implicit_resolvers[_first] = _kept
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+@dataclass
+class SourceMap:
+    """Where each value (and each mapping key) of a flow file starts."""
+
+    file: str
+    text: str
+    values: dict[PathKey, tuple[int, int]] = field(default_factory=dict)
+    keys: dict[PathKey, tuple[int, int]] = field(default_factory=dict)
+
+    def location(self, path: PathKey, *, key: bool = False) -> Location:
+        """The closest known position of `path` (walking up to a parent when needed)."""
+        table = self.keys if key else self.values
+        probe = tuple(path)
+        if probe in table:
+            line, col = table[probe]
+            return Location(self.file, line, col)
+        while probe:
+            probe = probe[:-1]
+            if probe in self.values:
+                line, col = self.values[probe]
+                return Location(self.file, line, col)
+        return Location(self.file, 1, 1)
+
+    def find_in_value(self, path: PathKey, needle: str, occurrence: int = 0) -> Location:
+        """The position of `needle` (e.g. one ${...} reference) inside the scalar at `path`.
+
+        Block and quoted scalars do not map offsets to columns simply, so search the source text
+        from where the scalar starts."""
+        start = self.values.get(tuple(path))
+        if start is None:
+            return self.location(path)
+        lines = self.text.splitlines(keepends=True)
+        index = sum(len(line) for line in lines[: start[0] - 1]) + start[1] - 1
+        for _ in range(occurrence + 1):
+            found = self.text.find(needle, index)
+            if found < 0:
+                return self.location(path)
+            index = found + 1
+        line = self.text.count("\n", 0, found) + 1
+        col = found - (self.text.rfind("\n", 0, found) + 1) + 1
+        return Location(self.file, line, col)
+
+
+def format_path(path: PathKey) -> str:
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def read_text(file: str | Path) -> str:
+    name = str(file)
+    try:
+        raw = Path(file).read_bytes()
+    except FileNotFoundError:
+        raise FlowDefinitionError.at(
+            "no such file", Location(name), hint="check the path (flowrunner validate DIR finds *.yaml files)"
+        ) from None
+    except (IsADirectoryError, PermissionError, OSError) as e:
+        raise FlowDefinitionError.at(f"cannot read the file: {e.strerror or e}", Location(name)) from None
+    if len(raw) > MAX_BYTES:
+        raise FlowDefinitionError.at(f"the file is larger than {MAX_BYTES // 1_000_000} MB", Location(name))
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise FlowDefinitionError.at(
+            "the file is not valid UTF-8", Location(name, line, 1), hint="save it as UTF-8"
+        ) from None
+
+
+def parse_yaml(text: str, file: str = "<string>") -> tuple[Any, SourceMap]:
+    """Parse one YAML document into plain data and its source map, or raise FlowDefinitionError."""
+    smap = SourceMap(file, text)
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            raise FlowDefinitionError.at(
+                "the file is empty",
+                Location(file, 1, 1),
+                hint="a flow needs at least `version: 1`, `name:` and `steps:`",
+            )
+        problems: list[Problem] = []
+        _check(node, (), smap, problems, [0])
+        if problems:
+            raise FlowDefinitionError(problems)
+        data = loader.construct_document(node)
+        _record(node, data, (), smap)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = Location(file, mark.line + 1, mark.column + 1) if mark else Location(file)
+        message = " ".join(str(x) for x in (e.context, e.problem) if x) or "invalid YAML"
+        at_tab = mark is not None and text[mark.index : mark.index + 1] == "\t"
+        hint = "indent with spaces, not tabs" if at_tab else _yaml_hint(message)
+        raise FlowDefinitionError.at(f"invalid YAML: {message}", where, hint=hint) from None
+    except yaml.YAMLError as e:  # ReaderError (control characters) and friends carry no mark
+        position = getattr(e, "position", None)
+        line = text.count("\n", 0, position) + 1 if isinstance(position, int) else 1
+        raise FlowDefinitionError.at(f"invalid YAML: {e}", Location(file, line, 1)) from None
+    except RecursionError:
+        raise FlowDefinitionError.at("the YAML is nested too deeply", Location(file, 1, 1)) from None
+    finally:
+        loader.dispose()
+    return data, smap
+
+
+def _yaml_hint(message: str) -> str | None:
+    if "mapping values are not allowed" in message:
+        return "quote a value that contains ': ' (for example \"Note: read this\")"
+    if "could not find expected ':'" in message or "simple key" in message:
+        return "check the indentation and that each key ends with ':'"
+    if "found character '@'" in message or "found character '`'" in message:
+        return "quote a value that starts with @ or `"
+    if "expected a single document" in message:
+        return "a flow file holds one YAML document (remove the extra '---')"
+    return None
+
+
+def _mark(node: yaml.Node) -> tuple[int, int]:
+    return node.start_mark.line + 1, node.start_mark.column + 1
+
+
+def _check(node: yaml.Node, path: PathKey, smap: SourceMap, problems: list[Problem], budget: list[int]) -> None:
+    """Before construction: refuse custom tags, non-string and duplicate keys, and alias bombs."""
+    budget[0] += 1
+    if budget[0] > MAX_NODES:
+        raise FlowDefinitionError.at(
+            "the YAML expands to too many values (an anchor/alias bomb, or a recursive alias)",
+            Location(smap.file, *_mark(node)),
+            hint="flow files may use anchors and aliases, but not to build huge or recursive values",
+        )
+    where = Location(smap.file, *_mark(node))
+    if node.tag not in _ALLOWED_TAGS:
+        problems.append(
+            Problem(f"the YAML tag '{node.tag.replace('tag:yaml.org,2002:', '!!')}' is not allowed", where, format_path(path),
+                    hint="flow files use plain YAML values: strings, numbers, booleans, lists and maps")
+        )
+        return
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check(item, (*path, i), smap, problems, budget)
+    elif isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key, value in node.value:
+            if key.tag == "tag:yaml.org,2002:merge":
+                _check(value, path, smap, problems, budget)
+                continue
+            kwhere = Location(smap.file, *_mark(key))
+            if not isinstance(key, yaml.ScalarNode) or key.tag != _STR:
+                shown = key.value if isinstance(key, yaml.ScalarNode) else "a collection"
+                problems.append(
+                    Problem(f"mapping key {shown!r} is not a string", kwhere, format_path(path),
+                            hint=f'quote the key: "{shown}":' if isinstance(key, yaml.ScalarNode) else None)
+                )
+                continue
+            if key.value in seen:
+                problems.append(
+                    Problem(f"duplicate key '{key.value}'", kwhere, format_path((*path, key.value)),
+                            hint="each key may appear once in a mapping; remove or rename one")
+                )
+            seen.add(key.value)
+            _check(value, (*path, key.value), smap, problems, budget)
+
+
+def _record(node: yaml.Node, data: Any, path: PathKey, smap: SourceMap) -> None:
+    """After construction (merge keys resolved): the position of every value and key."""
+    smap.values.setdefault(path, _mark(node))
+    if isinstance(node, yaml.SequenceNode) and isinstance(data, list):
+        for i, item in enumerate(node.value):
+            if i < len(data):
+                _record(item, data[i], (*path, i), smap)
+    elif isinstance(node, yaml.MappingNode) and isinstance(data, dict):
+        # After flatten_mapping, merged pairs come first and a mapping's own keys override them:
+        # walk in reverse so the winning key's position is recorded.
+        for key, value in reversed(node.value):
+            name = key.value if isinstance(key, yaml.ScalarNode) else None
+            if name in data and (*path, name) not in smap.keys:
+                smap.keys[(*path, name)] = _mark(key)
+                _record(value, data[name], (*path, name), smap)

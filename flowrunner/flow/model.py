@@ -1,0 +1,87 @@
+"""The loaded flow: frozen dataclasses built from validated YAML. Strings that hold references are
+already parsed into refs.Template objects."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from ..errors import Location
+from .load import PathKey, SourceMap
+
+INPUT_TYPES = ("string", "integer", "number", "boolean", "array", "object")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    type: str = "string"
+    default: Any = None
+    has_default: bool = False
+    description: str | None = None
+    enum: tuple[Any, ...] | None = None
+
+    @property
+    def required(self) -> bool:
+        return not self.has_default
+
+
+@dataclass(frozen=True)
+class ConnectionSpec:
+    name: str
+    type: str
+    config: Mapping[str, Any]  # values may be Templates of ${env.X}
+    path: PathKey = ()
+
+
+@dataclass(frozen=True)
+class RetrySpec:
+    attempts: int = 1  # total tries, so 1 means no retry
+    backoff: float = 1.0  # first delay in seconds, doubled after each try
+    max_backoff: float = 30.0
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    id: str
+    type: str
+    index: int
+    props: Mapping[str, Any]  # the step-type properties, compiled (Templates inside)
+    title: str | None = None
+    description: str | None = None
+    timeout: Any = None  # seconds, or a Template
+    retry: RetrySpec = field(default_factory=RetrySpec)
+    run_on_failure: bool = False
+    location: Location | None = None
+
+    @property
+    def path(self) -> PathKey:
+        return ("steps", self.index)
+
+    @property
+    def label(self) -> str:
+        return f"step '{self.id}' ({self.type})"
+
+
+@dataclass(frozen=True)
+class Flow:
+    name: str
+    version: int
+    file: str
+    description: str | None
+    inputs: Mapping[str, InputSpec]
+    connections: Mapping[str, ConnectionSpec]
+    steps: tuple[StepSpec, ...]
+    outputs: Mapping[str, Any]
+    source: SourceMap = field(repr=False, compare=False)
+
+    def step(self, step_id: str) -> StepSpec:
+        for spec in self.steps:
+            if spec.id == step_id:
+                return spec
+        raise KeyError(step_id)
+
+
+def frozen(mapping: dict[str, Any]) -> Mapping[str, Any]:
+    return MappingProxyType(mapping)

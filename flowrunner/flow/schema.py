@@ -1,0 +1,306 @@
+"""The JSON Schema of a flow file, generated from the step and connection registries, and the
+translation of jsonschema's errors into file:line:col problems a person can act on."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from typing import Any
+
+from ..connections.registry import CONNECTION_TYPES
+from ..errors import Problem, did_you_mean
+from ..steps import STEP_TYPES
+from .load import PathKey, SourceMap, format_path
+from .model import INPUT_TYPES
+
+SCHEMA_ID = "https://flowrunner.dev/schemas/flow.schema.json"
+NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]*$"
+
+COMMON_STEP_PROPERTIES: dict[str, Any] = {
+    "id": {"$ref": "#/$defs/name", "description": "unique within the flow; used in ${steps.ID.FIELD}"},
+    "title": {"type": "string", "description": "shown in logs and progress"},
+    "description": {"type": "string", "description": "documentation only"},
+    "timeout": {"anyOf": [{"type": "number", "exclusiveMinimum": 0}, {"$ref": "#/$defs/reference"}],
+                "description": "seconds the whole step may take"},
+    "retry": {"$ref": "#/$defs/retry"},
+    "run_on_failure": {"type": "boolean", "description": "run even after an earlier step failed"},
+}
+
+
+def build_schema() -> dict[str, Any]:
+    step_rules = []
+    defs: dict[str, Any] = {
+        "name": {"type": "string", "pattern": NAME_PATTERN},
+        "reference": {"type": "string", "pattern": r"^\$\{[^}]+\}$", "description": "a ${...} reference"},
+        "retry": {
+            "anyOf": [
+                {"type": "integer", "minimum": 1},
+                {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "attempts": {"type": "integer", "minimum": 1, "description": "total tries"},
+                        "backoff": {"type": "number", "minimum": 0, "description": "first delay, seconds"},
+                        "max_backoff": {"type": "number", "minimum": 0},
+                    },
+                },
+            ],
+            "description": "tries in all (an integer), or {attempts, backoff, max_backoff}",
+        },
+        "input": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "type": {"enum": list(INPUT_TYPES)},
+                "default": {},
+                "description": {"type": "string"},
+                "enum": {"type": "array", "minItems": 1},
+            },
+        },
+    }
+    for name, cls in sorted(STEP_TYPES.items()):
+        frag = cls.schema()
+        props = {**COMMON_STEP_PROPERTIES, **frag["properties"], "type": {"const": name}}
+        if cls.connection_types:
+            props["connection"] = {"type": "string", "description": "one of: " + ", ".join(cls.connection_types)}
+        defs[f"step.{name}"] = {
+            "type": "object",
+            "description": cls.summary,
+            "additionalProperties": False,
+            "required": ["id", "type", *frag["required"]],
+            "properties": props,
+        }
+        step_rules.append({"if": {"properties": {"type": {"const": name}}, "required": ["type"]},
+                           "then": {"$ref": f"#/$defs/step.{name}"}})
+    conn_rules = []
+    for name, ctype in sorted(CONNECTION_TYPES.items()):
+        frag = ctype.schema()
+        defs[f"connection.{name}"] = {
+            "type": "object",
+            "description": ctype.summary,
+            "additionalProperties": False,
+            "required": ["type", *frag["required"]],
+            "properties": {"type": {"const": name}, **frag["properties"]},
+        }
+        conn_rules.append({"if": {"properties": {"type": {"const": name}}, "required": ["type"]},
+                           "then": {"$ref": f"#/$defs/connection.{name}"}})
+    defs["step"] = {
+        "type": "object",
+        "required": ["id", "type"],
+        "properties": {"type": {"enum": sorted(STEP_TYPES)}},
+        "allOf": step_rules,
+    }
+    defs["connection"] = {
+        "type": "object",
+        "required": ["type"],
+        "properties": {"type": {"enum": sorted(CONNECTION_TYPES)}},
+        "allOf": conn_rules,
+    }
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": SCHEMA_ID,
+        "title": "flowrunner flow (format version 1)",
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["version", "name", "steps"],
+        "properties": {
+            "version": {"const": 1, "description": "the flow format version"},
+            "name": {"type": "string", "minLength": 1},
+            "description": {"type": "string"},
+            "inputs": {"type": "object", "propertyNames": {"$ref": "#/$defs/name"},
+                       "additionalProperties": {"$ref": "#/$defs/input"}},
+            "connections": {"type": "object", "propertyNames": {"$ref": "#/$defs/name"},
+                            "additionalProperties": {"$ref": "#/$defs/connection"}},
+            "steps": {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/step"}},
+            "outputs": {"type": "object", "propertyNames": {"$ref": "#/$defs/name"}},
+        },
+        "$defs": defs,
+    }
+
+
+def schema_text() -> str:
+    return json.dumps(build_schema(), indent=2) + "\n"
+
+
+def invalidate() -> None:
+    """Forget the compiled schemas (after a step type is registered)."""
+    _validator.cache_clear()
+    _connections_validator.cache_clear()
+
+
+@lru_cache(maxsize=1)
+def _validator() -> Any:
+    from jsonschema import Draft202012Validator
+
+    return Draft202012Validator(build_schema())
+
+
+def schema_problems(data: Any, smap: SourceMap) -> list[Problem]:
+    """Every schema violation in `data`, each placed at its file:line:col, sorted by position."""
+    problems: list[Problem] = []
+    for error in _validator().iter_errors(data):
+        problems.extend(_describe(error, smap))
+    unique = {(p.location.line if p.location else 0, p.location.col if p.location else 0, p.message): p
+              for p in problems}
+    return sorted(unique.values(), key=lambda p: (p.location.line or 0, p.location.col or 0) if p.location else (0, 0))
+
+
+@lru_cache(maxsize=1)
+def _connections_validator() -> Any:
+    from jsonschema import Draft202012Validator
+
+    full = build_schema()
+    return Draft202012Validator({
+        "$schema": full["$schema"],
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["connections"],
+        "properties": {"connections": full["properties"]["connections"]},
+        "$defs": full["$defs"],
+    })
+
+
+def connections_file_problems(data: Any, smap: SourceMap) -> list[Problem]:
+    return [p for error in _connections_validator().iter_errors(data) for p in _describe(error, smap)]
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    return "a mapping"
+
+
+_TYPE_WORDS = {"string": "a string", "integer": "an integer", "number": "a number", "boolean": "true or false",
+               "array": "a list", "object": "a mapping", "null": "null"}
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _describe(error: Any, smap: SourceMap) -> list[Problem]:
+    path: PathKey = tuple(error.absolute_path)
+    dotted = format_path(path)
+    where = smap.location(path)
+    v, inst, sch = error.validator, error.instance, error.schema
+    if v == "additionalProperties" and isinstance(inst, dict):
+        allowed = set(sch.get("properties", {}))
+        out = []
+        for key in inst:
+            if key in allowed:
+                continue
+            hint = did_you_mean(key, allowed) or ("allowed: " + ", ".join(sorted(allowed)))
+            out.append(Problem(f"unknown property '{key}'", smap.location((*path, key), key=True),
+                               format_path((*path, key)), hint))
+        return out
+    if v == "required" and isinstance(inst, dict):
+        missing = [r for r in error.validator_value if r not in inst]
+        return [Problem(f"missing required property '{m}'", where, dotted, _required_hint(m, sch)) for m in missing]
+    if v == "type":
+        wanted = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
+        words = " or ".join(_TYPE_WORDS.get(t, t) for t in wanted)
+        return [Problem(f"expected {words}, got {_kind(inst)} {_show(inst)}", where, dotted, _type_hint(wanted, inst))]
+    if v == "enum":
+        choices = [str(c) for c in error.validator_value]
+        if path[-1:] == ("type",) and len(path) == 3 and path[0] == "steps":
+            return [Problem(f"{_show(inst)} is not a step type", where, dotted,
+                            f"{did_you_mean(str(inst), choices) or 'see the step types:'} (flowrunner steps lists them)")]
+        if path[-1:] == ("type",) and len(path) == 3 and path[0] == "connections":
+            return [Problem(f"{_show(inst)} is not a connection type", where, dotted,
+                            did_you_mean(str(inst), choices) or "one of: " + ", ".join(choices))]
+        return [Problem(f"{_show(inst)} is not one of: {', '.join(choices)}", where, dotted,
+                        did_you_mean(str(inst), choices))]
+    if v == "const":
+        if path == ("version",):
+            return [Problem(f"unsupported flow format version {_show(inst)}", where, dotted,
+                            "this flowrunner reads `version: 1`")]
+        return [Problem(f"must be {_show(error.validator_value)}", where, dotted)]
+    if v == "pattern":
+        if error.validator_value == NAME_PATTERN:
+            return [Problem(f"{_show(inst)} is not a valid name", where, dotted,
+                            "use letters, digits, '_' and '-', starting with a letter or '_'")]
+        return [Problem(f"{_show(inst)} is not a ${{...}} reference", where, dotted)]
+    if v == "propertyNames":
+        bad = [k for k in inst if not _valid_name(k)] if isinstance(inst, dict) else []
+        return [Problem(f"{_show(k)} is not a valid name", smap.location((*path, k), key=True),
+                        format_path((*path, k)), "use letters, digits, '_' and '-', starting with a letter or '_'")
+                for k in bad] or [Problem(error.message[:200], where, dotted)]
+    if v == "anyOf":
+        return [_any_of(error, inst, where, dotted)]
+    if v in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
+        sign = {"minimum": "≥", "exclusiveMinimum": ">", "maximum": "≤", "exclusiveMaximum": "<"}[v]
+        return [Problem(f"must be {sign} {error.validator_value}, got {_show(inst)}", where, dotted)]
+    if v == "minItems":
+        what = "at least one step" if path == ("steps",) else f"at least {error.validator_value} item(s)"
+        return [Problem(f"needs {what}", where, dotted)]
+    if v == "minProperties":
+        return [Problem(f"needs at least {error.validator_value} entry", where, dotted)]
+    if v == "minLength":
+        return [Problem("must not be empty", where, dotted)]
+    return [Problem(error.message[:200], where, dotted)]
+
+
+def _any_of(error: Any, inst: Any, where: Any, dotted: str) -> Problem:
+    """A property that takes a value or a reference: say what it takes, plus the most useful reason."""
+    branches = error.validator_value
+    takes_ref = any(b.get("$ref") == "#/$defs/reference" for b in branches)
+    types = [b.get("type") for b in branches if b.get("type")]
+    words = " or ".join(_TYPE_WORDS.get(t, t) for t in types) or "a valid value"
+    if takes_ref:
+        words += " or a ${...} reference"
+    if isinstance(inst, str) and takes_ref and "${" in inst:
+        return Problem(f"{_show(inst)} must be exactly one ${{...}} reference here", where, dotted)
+    detail = [c for c in error.context if c.validator not in ("type", "pattern")]
+    if detail and type(inst).__name__ in ("int", "float", "dict") and detail[0].validator != "additionalProperties":
+        return Problem(f"{detail[0].message[:120]}", where, dotted)
+    if isinstance(inst, dict):
+        extra = [c for c in error.context if c.validator == "additionalProperties"]
+        if extra:
+            allowed = set(extra[0].schema.get("properties", {}))
+            bad = [k for k in inst if k not in allowed]
+            return Problem(f"unknown property '{bad[0]}'", where, dotted,
+                           did_you_mean(bad[0], allowed) or "allowed: " + ", ".join(sorted(allowed)))
+    return Problem(f"expected {words}, got {_kind(inst)} {_show(inst)}", where, dotted)
+
+
+def _valid_name(name: Any) -> bool:
+    import re
+
+    return isinstance(name, str) and re.match(NAME_PATTERN, name) is not None
+
+
+_TOP_LEVEL_HINTS = {
+    "version": "add `version: 1` at the top of the file",
+    "name": "add `name: my-flow`",
+    "steps": "add `steps:`, a list of steps (flowrunner steps lists the types)",
+    "id": "give the step an `id:`, unique within the flow",
+    "type": "give it a `type:` (flowrunner steps lists the step types)",
+}
+
+
+def _required_hint(name: str, schema: dict[str, Any]) -> str | None:
+    if name in _TOP_LEVEL_HINTS:
+        return _TOP_LEVEL_HINTS[name]
+    prop = schema.get("properties", {}).get(name, {})
+    return prop.get("description")
+
+
+def _type_hint(wanted: list[str], inst: Any) -> str | None:
+    if "string" in wanted and isinstance(inst, (dict, list)):
+        return "quote the value, or use a block scalar (|) for multi-line text"
+    if "string" in wanted and isinstance(inst, (bool, int, float)) and not isinstance(inst, str):
+        return f'quote it: "{inst}"' if not isinstance(inst, bool) else 'quote it: "true"'
+    if inst is None:
+        return "the value is empty; give one or remove the key"
+    return None

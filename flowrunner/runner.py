@@ -1,0 +1,120 @@
+"""`flowrunner run`: load, take inputs, run with a sink, print the outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import FlowDefinitionError, Location
+from .events import Event
+from .refs import to_text
+from .sinks import Sink, open_sink
+
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
+
+
+def parse_pairs(pairs: tuple[str, ...]) -> dict[str, str]:
+    given: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise FlowDefinitionError.at(f"-i {pair!r}: expected NAME=VALUE", hint='for example -i question="What is RAG?"')
+        given[name.strip()] = value
+    return given
+
+
+def load_inputs_file(path: Path) -> dict[str, Any]:
+    from .flow.load import parse_yaml, read_text
+
+    data, _ = parse_yaml(read_text(path), str(path))  # JSON is YAML, so one parser reads both
+    if not isinstance(data, dict):
+        raise FlowDefinitionError.at("an inputs file must hold a mapping of input names to values", Location(str(path), 1, 1))
+    return data
+
+
+def run_once(flow_path: Path, pairs: tuple[str, ...], inputs_file: Path | None, connections_file: Path | None,
+             sink_spec: str | None, output_format: str, obj: dict[str, Any]) -> int:
+    from . import logs
+    from .cli import print_error
+    from .engine import Run
+    from .flow.build import load_connections_file, load_flow
+    from .flow.inputs import resolve_inputs
+
+    extra = load_connections_file(connections_file) if connections_file else None
+    flow = load_flow(flow_path, extra)
+    given: dict[str, Any] = load_inputs_file(inputs_file) if inputs_file else {}
+    text_pairs = parse_pairs(pairs)
+    given.update(text_pairs)
+    inputs = resolve_inputs(flow, given, from_text=frozenset(text_pairs))
+    if output_format == "json" and sink_spec is None:
+        sink_spec = "none"
+    sink = open_sink(sink_spec or "stdout")
+    if output_format == "json" and sink.uses_stdout:
+        sink.close()
+        raise FlowDefinitionError.at(f"--sink {sink_spec} and --output json would both write to stdout",
+                                     hint="send the events elsewhere, e.g. --sink jsonl:events.jsonl")
+    logs.configure(obj.get("log_format"), obj.get("log_level"))
+
+    run = Run(flow, inputs)
+    stopped_by: int | None = None
+    try:
+        stopped_by = asyncio.run(_drive(run, sink))
+    except KeyboardInterrupt:
+        stopped_by = EXIT_INTERRUPTED
+    finally:
+        sink.close(interrupted=stopped_by is not None)
+    if stopped_by is not None:
+        click.echo("Interrupted." if stopped_by == EXIT_INTERRUPTED else "Terminated.", err=True)
+        return stopped_by
+    if run.errors:
+        for error in run.errors:
+            print_error(error, obj.get("debug", False))
+        return max(e.exit_code for e in run.errors)
+    _print_outputs(run.outputs, sink, output_format)
+    return 0
+
+
+async def _drive(run: Any, sink: Sink) -> int | None:
+    """Feed the run's events to the sink. SIGTERM (cron, systemd) stops the run like Ctrl-C does:
+    the current step is cancelled, its streams closed."""
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    terminated = False
+
+    def on_term() -> None:
+        nonlocal terminated
+        terminated = True
+        if task is not None:
+            task.cancel()
+
+    try:
+        loop.add_signal_handler(signal.SIGTERM, on_term)
+    except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
+        pass
+    try:
+        event: Event
+        async for event in run.events():
+            sink.handle(event)
+    except asyncio.CancelledError:
+        if terminated:
+            return EXIT_TERMINATED
+        raise
+    return None
+
+
+def _print_outputs(outputs: dict[str, Any], sink: Sink, output_format: str) -> None:
+    if output_format == "json":
+        click.echo(json.dumps(outputs, ensure_ascii=False, indent=2, default=str))
+        return
+    if sink.uses_stdout and (getattr(sink, "wrote_text", False) or not hasattr(sink, "wrote_text")):
+        return  # the answer already streamed to stdout (or stdout carries JSON events)
+    if len(outputs) == 1:
+        click.echo(to_text(next(iter(outputs.values()))))
+    else:
+        for name, value in outputs.items():
+            click.echo(f"{name}: {to_text(value)}")

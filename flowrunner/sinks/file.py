@@ -1,0 +1,20 @@
+"""The streamed text to a file, flushed as it arrives so `tail -f` follows the answer."""
+
+from __future__ import annotations
+
+from ..events import Event, TextDelta
+
+
+class FileSink:
+    uses_stdout = False
+
+    def __init__(self, path: str) -> None:
+        self.stream = open(path, "w", encoding="utf-8")  # noqa: SIM115
+
+    def handle(self, event: Event) -> None:
+        if type(event) is TextDelta and event.text:
+            self.stream.write(event.text)
+            self.stream.flush()
+
+    def close(self, interrupted: bool = False) -> None:
+        self.stream.close()

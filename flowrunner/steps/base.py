@@ -1,0 +1,76 @@
+"""The step contract. A step type is one small class in one module: its name, the JSON Schema of its
+properties, the outputs it declares, and `run`, which yields events and ends with its outputs.
+The engine owns ordering, the variable context, timeouts, retries and events; steps own their I/O."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..events import Event
+
+if TYPE_CHECKING:
+    from ..engine import StepContext
+    from ..errors import Problem
+    from ..flow.model import Flow, StepSpec
+
+REFERENCE = {"$ref": "#/$defs/reference"}
+
+
+def ref_or(schema: dict[str, Any]) -> dict[str, Any]:
+    """A property that takes `schema`, or a ${...} reference resolved at run time."""
+    return {"anyOf": [schema, REFERENCE]}
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """The last item a step yields: its outputs by name."""
+
+    values: Mapping[str, Any]
+
+
+class Step(ABC):
+    type_name: ClassVar[str]
+    summary: ClassVar[str]
+    properties: ClassVar[dict[str, dict[str, Any]]] = {}
+    required: ClassVar[tuple[str, ...]] = ()
+    outputs: ClassVar[dict[str, str]] = {}  # output name -> what it holds
+    result_default: ClassVar[str | None] = None  # variable bound by `result:`; None: no result
+    result_output: ClassVar[str] = "text"  # which output the result variable gets
+    connection_types: ClassVar[tuple[str, ...]] = ()  # what `connection:` may name
+    example: ClassVar[str] = ""
+
+    def __init__(self, spec: StepSpec) -> None:
+        self.spec = spec
+
+    @classmethod
+    def schema(cls) -> dict[str, Any]:
+        props = dict(cls.properties)
+        if cls.result_default is not None:
+            props["result"] = {
+                "$ref": "#/$defs/name",
+                "description": f"variable that receives the {cls.result_output} (default '{cls.result_default}')",
+            }
+        return {"properties": props, "required": list(cls.required)}
+
+    @classmethod
+    def bindings(cls, spec: StepSpec) -> dict[str, str]:
+        """Variables this step binds: variable name -> output name."""
+        if cls.result_default is None:
+            return {}
+        return {str(spec.props.get("result") or cls.result_default): cls.result_output}
+
+    @classmethod
+    def declared_outputs(cls, spec: StepSpec) -> tuple[str, ...]:
+        return tuple(cls.outputs)
+
+    @classmethod
+    def check(cls, spec: StepSpec, flow: Flow) -> list[Problem]:
+        """Checks beyond the schema that need the whole flow; override when a type has them."""
+        return []
+
+    @abstractmethod
+    def run(self, ctx: StepContext) -> AsyncIterator[Event | Outputs]:
+        """An async generator: yield events as they happen, then Outputs last."""

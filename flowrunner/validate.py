@@ -1,0 +1,73 @@
+"""`flowrunner validate`: check flow files offline, print every problem, exit 0 or 1."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .errors import FlowDefinitionError, FlowError, Location, Problem
+
+FLOW_SUFFIXES = (".yaml", ".yml")
+
+
+def collect(paths: tuple[Path, ...]) -> list[Path]:
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix in FLOW_SUFFIXES and p.is_file()
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if not found:
+                raise FlowDefinitionError.at(f"no flow files (*.yaml, *.yml) in {path}", Location(str(path)))
+            files.extend(found)
+        elif path.exists():
+            files.append(path)
+        else:
+            raise FlowDefinitionError.at("no such file or folder", Location(str(path)))
+    return files
+
+
+def validate_paths(paths: tuple[Path, ...], fmt: str, connections_file: Path | None) -> int:
+    from .flow.build import load_connections_file, load_flow
+
+    files = collect(paths)
+    extra = load_connections_file(connections_file) if connections_file else None
+    results: list[tuple[Path, tuple[Problem, ...]]] = []
+    for file in files:
+        try:
+            load_flow(file, extra)
+            results.append((file, ()))
+        except FlowError as e:
+            results.append((file, e.problems))
+    bad = [r for r in results if r[1]]
+    if fmt == "json":
+        click.echo(json.dumps({
+            "valid": not bad,
+            "files": [{"file": str(f), "valid": not ps, "problems": [p.as_dict() for p in ps]} for f, ps in results],
+        }, indent=2))
+    else:
+        for file, problems in results:
+            for p in problems:
+                click.echo(_github(p, file) if fmt == "github" else "Error: " + p.format())
+        count = sum(len(ps) for _, ps in bad)
+        summary = (f"{len(results)} file(s) valid" if not bad else
+                   f"{len(bad)} of {len(results)} file(s) invalid, {count} problem(s)")
+        click.echo(summary, err=True)
+    return 1 if bad else 0
+
+
+def _escape(text: str, *, prop: bool = False) -> str:
+    text = text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+    return text.replace(":", "%3A").replace(",", "%2C") if prop else text
+
+
+def _github(p: Problem, file: Path) -> str:
+    """A GitHub Actions workflow command: the problem shows on the line in the pull request."""
+    loc = p.location or Location(str(file))
+    props = [f"file={_escape(loc.file, prop=True)}"]
+    if loc.line:
+        props += [f"line={loc.line}", f"col={loc.col or 1}"]
+    props.append(f"title={_escape('flowrunner: ' + (p.path or 'flow'), prop=True)}")
+    message = p.message + (f"\nhint: {p.hint}" if p.hint else "")
+    return f"::error {','.join(props)}::{_escape(message)}"
