@@ -7,7 +7,6 @@ means a step failed while running.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -108,5 +107,7 @@ class StepFailed(FlowRuntimeError):
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
     """A hint naming the closest choice, or None when nothing is close."""
+    import difflib  # only on the error path: keeps it off every start-up
+
     match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f"did you mean '{match[0]}'?" if match else None

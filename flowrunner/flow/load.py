@@ -153,12 +153,20 @@ def parse_yaml(text: str, file: str = "<string>") -> tuple[Any, SourceMap]:
         where = Location(file, mark.line + 1, mark.column + 1) if mark else Location(file)
         message = " ".join(str(x) for x in (e.context, e.problem) if x) or "invalid YAML"
         at_tab = mark is not None and text[mark.index : mark.index + 1] == "\t"
-        hint = "indent with spaces, not tabs" if at_tab else _yaml_hint(message)
+        line_text = text.splitlines()[mark.line] if mark and mark.line < len(text.splitlines()) else ""
+        hint = ("indent with spaces, not tabs" if at_tab
+                else 'inside [...] or {...}, quote values that hold a reference: "${x}"'
+                if "${" in line_text and ("flow" in message or "','" in message)
+                else _yaml_hint(message))
         raise FlowDefinitionError.at(f"invalid YAML: {message}", where, hint=hint) from None
-    except yaml.YAMLError as e:  # ReaderError (control characters) and friends carry no mark
-        position = getattr(e, "position", None)
-        line = text.count("\n", 0, position) + 1 if isinstance(position, int) else 1
-        raise FlowDefinitionError.at(f"invalid YAML: {e}", Location(file, line, 1)) from None
+    except yaml.reader.ReaderError as e:  # control characters and the like carry no mark
+        line = text.count("\n", 0, e.position) + 1
+        col = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
+        code = e.character if isinstance(e.character, int) else ord(e.character)
+        raise FlowDefinitionError.at(f"invalid YAML: {e.reason} (U+{code:04X})", Location(file, line, col),
+                                     hint="remove the control character") from None
+    except yaml.YAMLError as e:
+        raise FlowDefinitionError.at(f"invalid YAML: {e}", Location(file, 1, 1)) from None
     except RecursionError:
         raise FlowDefinitionError.at("the YAML is nested too deeply", Location(file, 1, 1)) from None
     finally:

@@ -9,9 +9,8 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..events import Event
-
 if TYPE_CHECKING:
+    from ..events import Event
     from ..engine import StepContext
     from ..errors import Problem
     from ..flow.model import Flow, StepSpec

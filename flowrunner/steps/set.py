@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..events import Event
 from .base import Outputs, Step
 
 if TYPE_CHECKING:
+    from ..events import Event
     from ..engine import StepContext
     from ..flow.model import StepSpec
 
