@@ -37,6 +37,7 @@ CONNECTION_TYPES: dict[str, ConnectionType] = {
                 "max_retries": {"type": "integer", "minimum": 0},
             },
             secrets=("api_key",),
+            opener="flowrunner.connections.openai:open_openai",
         ),
         ConnectionType(
             "azure_openai",
@@ -52,6 +53,7 @@ CONNECTION_TYPES: dict[str, ConnectionType] = {
             },
             secrets=("api_key", "azure_ad_token"),
             required=("endpoint",),
+            opener="flowrunner.connections.openai:open_azure_openai",
         ),
         ConnectionType(
             "postgres",

@@ -10,6 +10,7 @@ import os
 
 from ..errors import FlowDefinitionError
 from .base import Step
+from .chat_completion import ChatCompletionStep
 from .set import SetStep
 
 STEP_TYPES: dict[str, type[Step]] = {}
@@ -24,7 +25,7 @@ def register(cls: type[Step]) -> type[Step]:
     return cls
 
 
-for _cls in (SetStep,):
+for _cls in (SetStep, ChatCompletionStep):
     STEP_TYPES[_cls.type_name] = _cls
 
 

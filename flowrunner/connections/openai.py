@@ -1,0 +1,84 @@
+"""`openai` and `azure_openai` connections: one SDK client per run (or batch).
+
+The SDK does what it is good at — auth, Azure URLs, request building, typed errors, retries before a
+stream starts. Reading the stream is the chat step's fast path (flowrunner/llm/stream.py)."""
+
+from __future__ import annotations
+
+import os
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import FlowDefinitionError
+from .pool import ResolvedConnection
+
+DEFAULT_IDLE_TIMEOUT = 120.0  # seconds with no byte from the server, before or inside a stream
+DEFAULT_MAX_RETRIES = 2
+DEFAULT_AZURE_API_VERSION = "2024-10-21"
+CONNECT_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class LLMClient:
+    name: str
+    kind: str  # openai | azure_openai
+    client: Any  # openai.AsyncOpenAI or openai.AsyncAzureOpenAI
+    idle_timeout: float
+    max_retries: int
+    deployment: str | None = None  # Azure: the connection's default deployment
+    where: str = ""  # base URL or endpoint, for error messages (never carries a secret)
+
+
+def _common(conn: ResolvedConnection) -> tuple[float, int, Any]:
+    import httpx2
+
+    idle = float(conn.config.get("timeout") or DEFAULT_IDLE_TIMEOUT)
+    retries = int(conn.config.get("max_retries", DEFAULT_MAX_RETRIES))
+    # The read timeout is the longest silence allowed: before the first byte and between chunks.
+    return idle, retries, httpx2.Timeout(idle, connect=min(CONNECT_TIMEOUT, idle))
+
+
+async def open_openai(conn: ResolvedConnection, stack: AsyncExitStack) -> LLMClient:
+    import openai
+
+    idle, retries, timeout = _common(conn)
+    base_url = conn.config.get("base_url") or None
+    api_key = conn.config.get("api_key")
+    if not api_key and "api_key" not in conn.missing_env and "api_key" not in conn.config:
+        api_key = os.environ.get("OPENAI_API_KEY")  # like the SDK, when the flow names no key at all
+    if not api_key:
+        if base_url is None:
+            conn.require("api_key", "an API key")  # raises, naming the env var that is not set
+            raise FlowDefinitionError.at(f"connection '{conn.name}' needs an API key",
+                                         hint="set OPENAI_API_KEY, or base_url for a local server")
+        api_key = "not-needed"  # local OpenAI-compatible servers (Ollama, vLLM, llama.cpp) take any key
+    client = openai.AsyncOpenAI(
+        api_key=api_key, base_url=base_url, organization=conn.config.get("organization"),
+        project=conn.config.get("project"), timeout=timeout, max_retries=retries,
+    )
+    stack.push_async_callback(client.close)
+    return LLMClient(conn.name, "openai", client, idle, retries, where=str(client.base_url))
+
+
+async def open_azure_openai(conn: ResolvedConnection, stack: AsyncExitStack) -> LLMClient:
+    import openai
+
+    idle, retries, timeout = _common(conn)
+    endpoint = conn.require("endpoint")
+    api_key, token = conn.config.get("api_key"), conn.config.get("azure_ad_token")
+    if not api_key and not token:
+        missing = conn.missing_env.get("api_key") or conn.missing_env.get("azure_ad_token")
+        raise FlowDefinitionError.at(
+            f"connection '{conn.name}' needs api_key or azure_ad_token"
+            + (f": environment variable {missing} is not set" if missing else ""),
+            path=f"connections.{conn.name}",
+            hint="set api_key: ${env.AZURE_OPENAI_API_KEY}, or azure_ad_token for Entra ID",
+        )
+    client = openai.AsyncAzureOpenAI(
+        azure_endpoint=endpoint, api_key=api_key or None, azure_ad_token=None if api_key else token,
+        api_version=conn.config.get("api_version") or DEFAULT_AZURE_API_VERSION,
+        timeout=timeout, max_retries=retries,
+    )
+    stack.push_async_callback(client.close)
+    return LLMClient(conn.name, "azure_openai", client, idle, retries, conn.config.get("deployment"), endpoint)

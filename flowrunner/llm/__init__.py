@@ -1,0 +1,1 @@
+"""Talking to chat models: prompt building and the fast streaming reader."""

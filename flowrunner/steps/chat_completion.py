@@ -1,0 +1,180 @@
+"""`chat_completion`: the seed action "Streaming chat completion" (OpenAI and Azure OpenAI)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..errors import Problem, StepFailed
+from .base import Outputs, Step, ref_or
+
+if TYPE_CHECKING:
+    from ..connections.openai import LLMClient
+    from ..engine import StepContext
+    from ..events import Event
+    from ..flow.model import StepSpec
+
+_MESSAGE = {"type": "object", "required": ["role", "content"],
+            "properties": {"role": {"type": "string"}, "content": {"type": "string"}}}
+
+
+class ChatCompletionStep(Step):
+    type_name = "chat_completion"
+    summary = "Streams a chat completion from OpenAI or Azure OpenAI; the text reaches the sink as it arrives."
+    connection_types = ("openai", "azure_openai")
+    properties: ClassVar[dict[str, dict[str, Any]]] = {
+        "model": {"type": "string", "description": "model id (openai connections)"},
+        "deployment": {"type": "string", "description": "deployment name (azure_openai connections)"},
+        "system_prompt": {"type": "string", "description": "first message, role system"},
+        "user_prompt": {"type": "string", "description": "the user's message"},
+        "history": ref_or({"type": "array", "items": _MESSAGE}) | {
+            "description": "{role, content} messages placed between the system and the user message"},
+        "context": {"type": ["string", "array", "object"],
+                    "description": "text, a list of texts, or a vector_search result (numbered passages)"},
+        "prompt_template": {"type": "string", "description": "@@context and @@userPrompt are replaced in one pass"},
+        "temperature": ref_or({"type": "number", "minimum": 0, "maximum": 2}) | {"default": 0.7},
+        "max_completion_tokens": ref_or({"type": "integer", "minimum": 1}),
+        "stream": ref_or({"type": "boolean"}) | {"default": True},
+        "tools": ref_or({"type": "array", "items": {"type": "object"}}) | {
+            "description": "OpenAI tool definitions; calls are returned as tool_calls"},
+        "tool_choice": {"anyOf": [{"enum": ["auto", "none", "required"]}, {"type": "object"},
+                                  {"$ref": "#/$defs/reference"}]},
+    }
+    required = ("connection", "user_prompt")
+    outputs = {
+        "text": "the answer (bound to `result`, default variable `response`)",
+        "finish_reason": "stop | length | tool_calls | content_filter",
+        "usage": "{prompt_tokens, completion_tokens, total_tokens, ...}",
+        "tool_calls": "[{id, type, name, arguments}] with arguments parsed from JSON",
+        "refusal": "the model's refusal text, if it refused",
+        "model": "the model that answered",
+        "partial": "true when the stream broke before the end",
+    }
+    result_default = "response"
+    result_output = "text"
+    example = """\
+- id: answer
+  type: chat_completion
+  connection: llm
+  model: gpt-4o-mini
+  system_prompt: You answer from the context. Say so when it does not hold the answer.
+  user_prompt: ${inputs.question}
+  history: ${history}
+  context: ${passages}
+  temperature: 0.2
+  max_completion_tokens: 800
+"""
+
+    @classmethod
+    def check(cls, spec: StepSpec, flow: Any) -> list[Problem]:
+        conn = flow.connections.get(spec.props.get("connection"))
+        if conn is None:
+            return []
+        loc = spec.location
+        if conn.type == "openai" and "model" not in spec.props:
+            hint = "an openai connection takes `model:`" + (" (deployment is for azure_openai)"
+                                                            if "deployment" in spec.props else "")
+            return [Problem("missing required property 'model'", loc, f"steps[{spec.index}]", hint)]
+        if conn.type == "azure_openai" and "deployment" not in spec.props and "deployment" not in conn.config:
+            return [Problem("missing required property 'deployment'", loc, f"steps[{spec.index}]",
+                            "an azure_openai connection takes `deployment:` (on the step or the connection)")]
+        return []
+
+    async def run(self, ctx: StepContext) -> AsyncIterator[Event | Outputs]:
+        from ..events import Usage, Warning
+        from ..llm.prompt import PromptError, build_messages
+        from ..llm.stream import StreamError, StreamState
+
+        p = ctx.props
+        llm: LLMClient = await ctx.connection()
+        model = p.get("model") if llm.kind == "openai" else (p.get("deployment") or llm.deployment)
+        try:
+            messages = build_messages(p.get("system_prompt"), p.get("history"), _text(p["user_prompt"]),
+                                      p.get("context"), p.get("prompt_template"))
+        except PromptError as e:
+            raise StepFailed(str(e)) from None
+        request: dict[str, Any] = {"model": model, "messages": messages, "temperature": p.get("temperature", 0.7)}
+        for key in ("max_completion_tokens", "tools", "tool_choice"):
+            if p.get(key) is not None:
+                request[key] = p[key]
+        state = StreamState()
+        try:
+            if p.get("stream", True):
+                async for delta in self._stream(llm, request, state, ctx.step_id):
+                    yield delta
+            else:
+                text = await self._complete(llm, request, state)
+                if text:
+                    yield _delta(ctx.step_id, text)
+        except StreamError as e:
+            raise StepFailed(e.message, hint=e.hint, outputs=state.outputs(partial=True),
+                             retryable=e.retryable and not state.parts) from None
+        if not state.finish_reason:
+            raise StepFailed("the stream ended before the model finished (no finish_reason)",
+                             hint="the server closed the connection early", outputs=state.outputs(partial=True),
+                             retryable=not state.parts)
+        if not state.done and p.get("stream", True):
+            yield Warning(ctx.step_id, "the stream ended without [DONE]; usage may be missing")
+        if state.finish_reason == "content_filter":
+            raise StepFailed("the answer was stopped by the content filter (finish_reason: content_filter)",
+                             outputs=state.outputs(partial=True))
+        if state.finish_reason == "length":
+            yield Warning(ctx.step_id, "the answer was cut off at max_completion_tokens (finish_reason: length)")
+        try:
+            state.parsed_tool_calls()
+        except StreamError as e:
+            raise StepFailed(e.message, outputs=state.outputs(partial=True)) from None
+        if state.usage:
+            yield Usage(ctx.step_id, state.usage)
+        yield Outputs(state.outputs(partial=False))
+
+    async def _stream(self, llm: LLMClient, request: dict[str, Any], state: Any, step_id: str) -> AsyncIterator[Event]:
+        from ..llm.errors import api_error
+        from ..llm.stream import read_stream
+
+        import openai
+
+        try:
+            async with llm.client.chat.completions.with_streaming_response.create(
+                **request, stream=True, stream_options={"include_usage": True}
+            ) as response:
+                async for delta in read_stream(response.http_response, step_id, state, llm.idle_timeout):
+                    yield delta
+        except openai.APIError as e:
+            raise api_error(e, llm) from None
+
+    async def _complete(self, llm: LLMClient, request: dict[str, Any], state: Any) -> str:
+        from ..llm.errors import api_error
+
+        import openai
+
+        try:
+            reply = await llm.client.chat.completions.create(**request, stream=False)
+        except openai.APIError as e:
+            raise api_error(e, llm) from None
+        state.done, state.model = True, reply.model
+        state.usage = reply.usage.model_dump(exclude_none=True) if reply.usage else None
+        if reply.choices:
+            choice = reply.choices[0]
+            state.finish_reason = choice.finish_reason
+            message = choice.message
+            if message.content:
+                state.parts.append(message.content)
+            if message.refusal:
+                state.refusal.append(message.refusal)
+            for i, call in enumerate(message.tool_calls or []):
+                state.add_tool_calls([{"index": i, "id": call.id, "type": call.type,
+                                       "function": {"name": call.function.name, "arguments": call.function.arguments}}])
+        return state.text
+
+
+def _text(value: Any) -> str:
+    from ..refs import to_text
+
+    return to_text(value)
+
+
+def _delta(step_id: str, text: str) -> Event:
+    from ..events import TextDelta
+
+    return TextDelta(step_id, text)

@@ -1,0 +1,304 @@
+"""The chat_completion step through the real CLI against the local OpenAI-protocol server:
+streaming, Azure, and every failure with its exit code, message and partial text."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, run_cli
+from tests.support.fixtures import RECORDINGS, Reply
+
+FLOW = """
+version: 1
+name: chat
+inputs:
+  question: {{type: string}}
+connections:
+  llm:
+    type: openai
+    api_key: ${{env.TEST_OPENAI_KEY}}
+    base_url: ${{env.TEST_OPENAI_BASE_URL}}
+    {conn_extra}
+steps:
+  - id: answer
+    type: chat_completion
+    connection: llm
+    model: gpt-4o-mini
+    system_prompt: Be brief.
+    user_prompt: ${{inputs.question}}
+    {step_extra}
+  - id: keep
+    type: set
+    run_on_failure: true
+    values: {{kept: "${{response}}", partial: "${{steps.answer.partial}}"}}
+outputs:
+  answer: ${{response}}
+"""
+
+
+@pytest.fixture
+def chat(llm, write_flow):
+    """Run the chat flow against the test server: chat(conn_extra=..., step_extra=..., args=...)."""
+
+    def run(*args: str, conn_extra: str = "", step_extra: str = "", question: str = "hi", env: dict | None = None):
+        flow = write_flow(FLOW.format(conn_extra=conn_extra, step_extra=step_extra))
+        full_env = {"TEST_OPENAI_KEY": "sk-test", "TEST_OPENAI_BASE_URL": llm.base_url, **(env or {})}
+        return run_cli("run", str(flow), "-i", f"question={question}", *args, env=full_env)
+
+    return run
+
+
+def events(out: subprocess.CompletedProcess) -> list[dict]:
+    return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+def finished(out: subprocess.CompletedProcess, step: str) -> dict:
+    return next(e for e in events(out) if e["event"] == "step_finished" and e["step"] == step)
+
+
+def test_streams_text_and_sends_the_seed_request(chat, llm) -> None:
+    llm.script(Reply(text=["Hello", " from", " the", " model."], usage={"prompt_tokens": 9, "completion_tokens": 4,
+                                                                       "total_tokens": 13}))
+    out = chat("--sink", "jsonl:-", step_extra="temperature: 0.3\n    max_completion_tokens: 50")
+    assert out.returncode == 0, out.stderr
+    deltas = [e["text"] for e in events(out) if e["event"] == "text"]
+    assert deltas == ["Hello", " from", " the", " model."]
+    answer = finished(out, "answer")["outputs"]
+    assert answer["text"] == "Hello from the model." and answer["finish_reason"] == "stop"
+    assert answer["usage"]["total_tokens"] == 13 and answer["partial"] is False
+    body = llm.chat_requests[-1].json
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    assert body["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    assert body["temperature"] == 0.3 and body["max_completion_tokens"] == 50 and body["model"] == "gpt-4o-mini"
+    assert llm.chat_requests[-1].headers["authorization"] == "Bearer sk-test"
+
+
+def test_temperature_defaults_to_0_7(chat, llm) -> None:
+    assert chat().returncode == 0
+    assert llm.chat_requests[-1].json["temperature"] == 0.7
+
+
+def test_stdout_gets_the_first_words_before_the_stream_ends(llm, write_flow) -> None:
+    llm.script(Reply(text=["First", " words", " arrive", " early", " and", " often."], chunk_delay=0.4))
+    flow = write_flow(FLOW.format(conn_extra="", step_extra=""))
+    env = {**os.environ, "TEST_OPENAI_KEY": "k", "TEST_OPENAI_BASE_URL": llm.base_url}
+    proc = subprocess.Popen([sys.executable, "-m", "flowrunner", "run", str(flow), "-i", "question=q"], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        first = proc.stdout.read(5)  # type: ignore[union-attr]
+        assert first == b"First"
+        assert proc.poll() is None, "the run had already ended: the text was not streamed"
+        rest = proc.stdout.read().decode()  # type: ignore[union-attr]
+        assert rest == " words arrive early and often.\n"
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+
+
+def test_azure_openai_hits_the_deployment_path(llm, write_flow) -> None:
+    flow = write_flow("""
+version: 1
+name: azure-chat
+connections:
+  llm:
+    type: azure_openai
+    endpoint: ${env.AZ_ENDPOINT}
+    api_key: ${env.AZ_KEY}
+    api_version: 2024-10-21
+steps:
+  - id: answer
+    type: chat_completion
+    connection: llm
+    deployment: my-gpt4o
+    user_prompt: hello azure
+""")
+    out = run_cli("run", str(flow), env={"AZ_ENDPOINT": llm.azure_endpoint, "AZ_KEY": "az-key-1234"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "Hello from the flowrunner test server.\n"
+    req = llm.chat_requests[-1]
+    assert req.path == "/openai/deployments/my-gpt4o/chat/completions"
+    assert req.query["api-version"] == "2024-10-21" and req.headers["api-key"] == "az-key-1234"
+
+
+def test_missing_key_is_an_error_before_any_request(llm, write_flow) -> None:
+    flow = write_flow(FLOW.format(conn_extra="", step_extra=""))
+    env = {k: v for k, v in os.environ.items() if k not in ("TEST_OPENAI_KEY", "TEST_OPENAI_BASE_URL", "OPENAI_API_KEY")}
+    out = subprocess.run([sys.executable, "-m", "flowrunner", "run", str(flow), "-i", "question=q"], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "environment variable TEST_OPENAI_KEY is not set" in out.stderr
+    assert llm.requests == []
+
+
+def test_429_is_retried_honouring_retry_after(chat, llm) -> None:
+    llm.script(Reply(status=429, retry_after=1), Reply(text="after the wait"))
+    out = chat()
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "after the wait\n"
+    first, second = llm.chat_requests
+    assert second.received_at - first.received_at >= 0.9  # Retry-After: 1 was honoured (a lower bound)
+    assert second.headers["x-stainless-retry-count"] == "1"
+
+
+def test_429_after_all_retries_is_a_clear_error(chat, llm) -> None:
+    llm.script(*[Reply(status=429, retry_after_ms=5)] * 3)
+    out = chat(conn_extra="max_retries: 2")
+    assert out.returncode == 1
+    assert "step 'answer' (chat_completion) failed: rate limited (429) after 2 retries" in out.stderr
+    assert len(llm.chat_requests) == 3 and "Traceback" not in out.stderr
+
+
+def test_5xx_then_success(chat, llm) -> None:
+    llm.script(Reply(status=503, retry_after_ms=5), Reply(text="recovered"))
+    out = chat()
+    assert out.returncode == 0 and out.stdout == "recovered\n"
+
+
+@pytest.mark.parametrize("status, message", [(401, "authentication failed (401)"), (404, "not found (404)"),
+                                             (400, "the request was rejected (400)")])
+def test_client_errors_are_not_retried(chat, llm, status: int, message: str) -> None:
+    llm.script(Reply(status=status))
+    out = chat()
+    assert out.returncode == 1 and message in out.stderr
+    assert len(llm.chat_requests) == 1
+
+
+def test_disconnect_after_first_delta_keeps_partial_text(chat, llm) -> None:
+    llm.script(Reply(text=["Partial", " answer", " that", " never", " ends"], disconnect_after=2))
+    out = chat(step_extra="retry: {attempts: 3, backoff: 0}")
+    assert out.returncode == 1
+    assert out.stdout == "Partial answer\n"
+    assert "failed: the connection broke mid-stream" in out.stderr
+    assert len(llm.chat_requests) == 1, "a stream that already produced text must not be retried"
+    llm.script(Reply(text=["Partial", " answer", " that", " never", " ends"], disconnect_after=2))
+    jsonl = chat("--sink", "jsonl:-")
+    answer = finished(jsonl, "answer")
+    assert answer["status"] == "failed" and answer["outputs"]["text"] == "Partial answer"
+    assert answer["outputs"]["partial"] is True
+    assert finished(jsonl, "keep")["outputs"] == {"kept": "Partial answer", "partial": True}
+
+
+def test_broken_stream_before_first_delta_is_retried(chat, llm) -> None:
+    llm.script(Reply(text="never seen", disconnect_after=0), Reply(text="second try"))
+    out = chat(step_extra="retry: {attempts: 2, backoff: 0}")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "second try\n" and len(llm.chat_requests) == 2
+
+
+def test_stream_without_finish_or_done_is_an_error(chat, llm) -> None:
+    llm.script(Reply(text=["cut", " short"], no_done=True, no_finish=True, usage=False))
+    out = chat()
+    assert out.returncode == 1
+    assert out.stdout == "cut short\n"
+    assert "the stream ended before the model finished (no finish_reason)" in out.stderr
+
+
+def test_stream_without_done_but_finished_is_a_warning(chat, llm) -> None:
+    llm.script(Reply(text="complete", no_done=True))
+    out = chat("--sink", "jsonl:-")
+    assert out.returncode == 0
+    assert any(e["event"] == "warning" and "without [DONE]" in e["message"] for e in events(out))
+
+
+def test_malformed_chunk(chat, llm) -> None:
+    llm.script(Reply(text=["good", " then"], malformed_after=1))
+    out = chat()
+    assert out.returncode == 1 and out.stdout == "good\n"
+    assert "the server sent a malformed chunk" in out.stderr
+
+
+def test_error_event_inside_the_stream(chat, llm) -> None:
+    llm.script(Reply(text=["some", " text"], error_after=1))
+    out = chat()
+    assert out.returncode == 1 and out.stdout == "some\n"
+    assert "the server reported an error mid-stream: The server had an error" in out.stderr
+
+
+def test_200_that_is_not_an_event_stream(chat, llm) -> None:
+    llm.script(Reply(text="json instead", not_sse=True))
+    out = chat()
+    assert out.returncode == 1
+    assert "not an event stream" in out.stderr and "application/json" in out.stderr
+
+
+def test_stall_longer_than_the_idle_timeout(chat, llm) -> None:
+    llm.script(Reply(text=["before", " after"], stall_after=1, stall=5))
+    out = chat(conn_extra="timeout: 0.5")
+    assert out.returncode == 1 and out.stdout == "before\n"
+    assert "the stream stalled: no data for 0.5 s" in out.stderr
+
+
+def test_content_filter_is_an_error_and_length_a_warning(chat, llm) -> None:
+    llm.script(Reply(text="bad words", content_filter=True))
+    out = chat()
+    assert out.returncode == 1 and "stopped by the content filter" in out.stderr
+    llm.script(Reply(text="cut off", finish_reason="length"))
+    out = chat("--sink", "jsonl:-")
+    assert out.returncode == 0
+    assert any(e["event"] == "warning" and "finish_reason: length" in e["message"] for e in events(out))
+
+
+def test_recorded_tool_call_streams_accumulate(chat, llm) -> None:
+    llm.script(Reply.from_recording("c6aa7e397b71"))
+    out = chat("--sink", "jsonl:-", step_extra="tools: [{type: function, function: {name: GetWeatherArgs}}]")
+    assert out.returncode == 0, out.stderr
+    calls = finished(out, "answer")["outputs"]["tool_calls"]
+    assert [c["name"] for c in calls] == ["GetWeatherArgs"]
+    assert calls[0]["arguments"] == {"city": "Edinburgh", "country": "UK", "units": "c"}
+    assert calls[0]["id"].startswith("call_")
+
+
+def test_recorded_parallel_tool_calls(chat, llm) -> None:
+    llm.script(Reply.from_recording("f82268f2fefd"))
+    out = chat("--sink", "jsonl:-")
+    calls = finished(out, "answer")["outputs"]["tool_calls"]
+    assert len(calls) == 2 and calls[0]["id"] != calls[1]["id"]
+    assert all(isinstance(c["arguments"], dict) and c["arguments"] for c in calls)
+
+
+def test_recorded_text_stream(chat, llm) -> None:
+    recording = (RECORDINGS / "e2aad469b71d.sse").read_text()
+    expected = "".join(
+        (json.loads(line[6:])["choices"] or [{}])[0].get("delta", {}).get("content") or ""
+        for line in recording.splitlines() if line.startswith("data: {"))
+    llm.script(Reply.from_recording("e2aad469b71d"))
+    out = chat("--sink", "jsonl:-")
+    assert out.returncode == 0, out.stderr
+    assert finished(out, "answer")["outputs"]["text"] == expected and expected
+
+
+def test_malformed_tool_arguments_are_an_error(chat, llm) -> None:
+    llm.script(Reply(tool_calls=[{"name": "lookup", "arguments": '{"city": "Par'}]))
+    out = chat()
+    assert out.returncode == 1 and "tool call 'lookup' has malformed JSON arguments" in out.stderr
+
+
+def test_stream_false(chat, llm) -> None:
+    llm.script(Reply(text="all at once"))
+    out = chat(step_extra="stream: false")
+    assert out.returncode == 0 and out.stdout == "all at once\n"
+    assert llm.chat_requests[-1].json["stream"] is False
+
+
+def test_ctrl_c_closes_the_http_stream(llm, write_flow, tmp_path: Path) -> None:
+    llm.script(Reply(text=["slow"] * 40, chunk_delay=0.25))
+    flow = write_flow(FLOW.format(conn_extra="", step_extra=""))
+    env = {**os.environ, "TEST_OPENAI_KEY": "k", "TEST_OPENAI_BASE_URL": llm.base_url}
+    proc = subprocess.Popen([sys.executable, "-m", "flowrunner", "run", str(flow), "-i", "question=q"], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.read(4) == b"slow"  # type: ignore[union-attr]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 130
+        assert llm.wait_for_disconnect(timeout=5), "the server never saw the stream closed"
+        assert b"Traceback" not in proc.stderr.read()  # type: ignore[union-attr]
+    finally:
+        proc.kill()
