@@ -302,3 +302,21 @@ def test_ctrl_c_closes_the_http_stream(llm, write_flow, tmp_path: Path) -> None:
         assert b"Traceback" not in proc.stderr.read()  # type: ignore[union-attr]
     finally:
         proc.kill()
+
+
+def test_one_connection_is_reused_across_streams(llm, write_flow) -> None:
+    """After [DONE] the body is drained, so the next request reuses the kept-alive connection."""
+    flow = write_flow("""
+version: 1
+name: two-turns
+connections:
+  llm: {type: openai, api_key: k, base_url: "${env.TEST_OPENAI_BASE_URL}"}
+steps:
+  - {id: one, type: chat_completion, connection: llm, model: m, user_prompt: first, result: a}
+  - {id: two, type: chat_completion, connection: llm, model: m, user_prompt: "${a}", result: b}
+""")
+    out = run_cli("run", str(flow), env={"TEST_OPENAI_BASE_URL": llm.base_url})
+    assert out.returncode == 0, out.stderr
+    first, second = llm.chat_requests
+    assert second.json["messages"][-1]["content"] == "Hello from the flowrunner test server."
+    assert first.connection == second.connection

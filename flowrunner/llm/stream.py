@@ -8,12 +8,16 @@ as a StreamError, never passed on as a silently short answer."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..events import TextDelta
+
+
+DRAIN_SECONDS = 0.1
 
 
 class StreamError(Exception):
@@ -90,43 +94,52 @@ async def read_stream(response: Any, step_id: str, state: StreamState, idle_time
 
     loads = json.loads
     try:
-        async for sse in httpx2.EventSource(response):
-            data = sse.data
-            if not data:
-                continue
-            if data.startswith("[DONE]"):
-                state.done = True
-                return
-            try:
-                chunk = loads(data)
-            except json.JSONDecodeError:
-                raise StreamError(f"the server sent a malformed chunk: {data[:120]!r}",
-                                  "the server does not speak the OpenAI streaming format correctly") from None
-            if type(chunk) is not dict:
-                raise StreamError(f"the server sent a chunk that is not a JSON object: {data[:120]!r}")
-            if chunk.get("error"):
-                raise StreamError(f"the server reported an error mid-stream: {_error_text(chunk['error'])}",
-                                  retryable=True)
-            if state.model is None and chunk.get("model"):
-                state.model = chunk["model"]
-            usage = chunk.get("usage")
-            if usage:
-                state.usage = usage
-            for choice in chunk.get("choices") or ():  # Azure sends chunks with no choices: fine
-                if choice.get("index", 0) != 0:
+        # After [DONE], read the (empty) rest of the body for up to DRAIN_SECONDS, so the connection
+        # goes back to the pool instead of being dropped: the next request skips a TCP handshake.
+        async with asyncio.timeout(None) as drain:
+            async for sse in httpx2.EventSource(response):
+                if state.done:
                     continue
-                delta = choice.get("delta")
-                if delta:
-                    content = delta.get("content")
-                    if content:
-                        state.parts.append(content)
-                        yield TextDelta(step_id, content)
-                    if delta.get("tool_calls"):
-                        state.add_tool_calls(delta["tool_calls"])
-                    if delta.get("refusal"):
-                        state.refusal.append(delta["refusal"])
-                if choice.get("finish_reason"):
-                    state.finish_reason = choice["finish_reason"]
+                data = sse.data
+                if not data:
+                    continue
+                if data.startswith("[DONE]"):
+                    state.done = True
+                    drain.reschedule(asyncio.get_running_loop().time() + DRAIN_SECONDS)
+                    continue
+                try:
+                    chunk = loads(data)
+                except json.JSONDecodeError:
+                    raise StreamError(f"the server sent a malformed chunk: {data[:120]!r}",
+                                      "the server does not speak the OpenAI streaming format correctly") from None
+                if type(chunk) is not dict:
+                    raise StreamError(f"the server sent a chunk that is not a JSON object: {data[:120]!r}")
+                if chunk.get("error"):
+                    raise StreamError(f"the server reported an error mid-stream: {_error_text(chunk['error'])}",
+                                      retryable=True)
+                if state.model is None and chunk.get("model"):
+                    state.model = chunk["model"]
+                usage = chunk.get("usage")
+                if usage:
+                    state.usage = usage
+                for choice in chunk.get("choices") or ():  # Azure sends chunks with no choices: fine
+                    if choice.get("index", 0) != 0:
+                        continue
+                    delta = choice.get("delta")
+                    if delta:
+                        content = delta.get("content")
+                        if content:
+                            state.parts.append(content)
+                            yield TextDelta(step_id, content)
+                        if delta.get("tool_calls"):
+                            state.add_tool_calls(delta["tool_calls"])
+                        if delta.get("refusal"):
+                            state.refusal.append(delta["refusal"])
+                    if choice.get("finish_reason"):
+                        state.finish_reason = choice["finish_reason"]
+    except TimeoutError:
+        if not state.done:
+            raise
     except httpx2.SSEError as e:
         if "content type" in str(e):
             body = (await response.aread())[:200].decode("utf-8", "replace")
