@@ -160,14 +160,14 @@ class Scope:
         for part in path:
             if isinstance(part, int):
                 if not isinstance(value, list):
-                    raise RefValueError(f"{ref.text}: {seen} is {_kind_of(value)}, not a list")
+                    raise RefValueError(f"{ref.text}: {seen} is {kind_of(value)}, not a list")
                 if part >= len(value):
                     raise RefValueError(f"{ref.text}: {seen} has {len(value)} item(s), no [{part}]")
                 value = value[part]
                 seen += f"[{part}]"
             else:
                 if not isinstance(value, Mapping):
-                    raise RefValueError(f"{ref.text}: {seen} is {_kind_of(value)}, it has no '{part}'")
+                    raise RefValueError(f"{ref.text}: {seen} is {kind_of(value)}, it has no '{part}'")
                 if part not in value:
                     raise RefValueError(f"{ref.text}: {seen or 'the run'} has no '{part}'")
                 value = value[part]
@@ -175,13 +175,22 @@ class Scope:
         return value
 
 
-def _kind_of(value: Any) -> str:
+def kind_of(value: Any) -> str:
+    """"a string", "a list", ... for messages about a value of the wrong kind."""
     if value is None:
         return "null"
-    if isinstance(value, Mapping):
-        return "an object"
-    if isinstance(value, list):
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
         return "a list"
+    if isinstance(value, Mapping):
+        return "a mapping"
     return f"a {type(value).__name__}"
 
 

@@ -56,6 +56,13 @@ def chat(llm, write_flow):
     return run
 
 
+def spawn(flow: Path, llm) -> subprocess.Popen:
+    """The CLI as a live process, so a test can read its stdout while the stream is still going."""
+    env = {**os.environ, "TEST_OPENAI_KEY": "k", "TEST_OPENAI_BASE_URL": llm.base_url}
+    return subprocess.Popen([sys.executable, "-m", "flowrunner", "run", str(flow), "-i", "question=q"], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
 def events(out: subprocess.CompletedProcess) -> list[dict]:
     return [json.loads(line) for line in out.stdout.splitlines()]
 
@@ -88,10 +95,7 @@ def test_temperature_defaults_to_0_7(chat, llm) -> None:
 
 def test_stdout_gets_the_first_words_before_the_stream_ends(llm, write_flow) -> None:
     llm.script(Reply(text=["First", " words", " arrive", " early", " and", " often."], chunk_delay=0.4))
-    flow = write_flow(FLOW.format(conn_extra="", step_extra=""))
-    env = {**os.environ, "TEST_OPENAI_KEY": "k", "TEST_OPENAI_BASE_URL": llm.base_url}
-    proc = subprocess.Popen([sys.executable, "-m", "flowrunner", "run", str(flow), "-i", "question=q"], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = spawn(write_flow(FLOW.format(conn_extra="", step_extra="")), llm)
     try:
         first = proc.stdout.read(5)  # type: ignore[union-attr]
         assert first == b"First"
@@ -134,7 +138,7 @@ def test_missing_key_is_an_error_before_any_request(llm, write_flow) -> None:
     out = subprocess.run([sys.executable, "-m", "flowrunner", "run", str(flow), "-i", "question=q"], cwd=ROOT, env=env,
                          capture_output=True, text=True)
     assert out.returncode == 2
-    assert "environment variable TEST_OPENAI_KEY is not set" in out.stderr
+    assert "flow.yaml:9:14: connections.llm.api_key: connection 'llm' needs an API key: environment variable TEST_OPENAI_KEY is not set" in out.stderr
     assert llm.requests == []
 
 
@@ -290,10 +294,7 @@ def test_stream_false(chat, llm) -> None:
 
 def test_ctrl_c_closes_the_http_stream(llm, write_flow, tmp_path: Path) -> None:
     llm.script(Reply(text=["slow"] * 40, chunk_delay=0.25))
-    flow = write_flow(FLOW.format(conn_extra="", step_extra=""))
-    env = {**os.environ, "TEST_OPENAI_KEY": "k", "TEST_OPENAI_BASE_URL": llm.base_url}
-    proc = subprocess.Popen([sys.executable, "-m", "flowrunner", "run", str(flow), "-i", "question=q"], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = spawn(write_flow(FLOW.format(conn_extra="", step_extra="")), llm)
     try:
         assert proc.stdout.read(4) == b"slow"  # type: ignore[union-attr]
         proc.send_signal(signal.SIGINT)

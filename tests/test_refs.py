@@ -69,7 +69,7 @@ def test_bad_syntax_is_an_error(text: str, message: str) -> None:
     [
         ("${passages[5].content}", "passages has 2 item(s), no [5]"),
         ("${passages[0].missing}", "passages[0] has no 'missing'"),
-        ("${flag.x}", "flag is a bool, it has no 'x'"),
+        ("${flag.x}", "flag is a boolean, it has no 'x'"),
         ("${steps.answer.usage[0]}", "not a list"),
     ],
 )

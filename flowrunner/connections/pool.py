@@ -8,7 +8,7 @@ import importlib
 import os
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .. import refs, secrets
@@ -64,6 +64,7 @@ class Connections:
 
     def __init__(self, flow: Flow, env: Mapping[str, str] | None = None) -> None:
         env = os.environ if env is None else env
+        self.flow = flow
         self.resolved = {name: resolve_connection(spec, env) for name, spec in flow.connections.items()}
         self._opened: dict[str, Any] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -81,7 +82,12 @@ class Connections:
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             if name not in self._opened:
-                self._opened[name] = await self._open(self.resolved[name])
+                try:
+                    self._opened[name] = await self._open(self.resolved[name])
+                except FlowDefinitionError as e:  # point at the connection's line in the flow file
+                    raise FlowDefinitionError([
+                        replace(p, location=p.location or self.flow.source.location(tuple(p.path.split("."))))
+                        for p in e.problems]) from None
         return self._opened[name]
 
     async def _open(self, conn: ResolvedConnection) -> Any:

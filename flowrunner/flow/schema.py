@@ -9,6 +9,7 @@ from typing import Any
 
 from ..connections.registry import CONNECTION_TYPES
 from ..errors import Problem, did_you_mean
+from ..refs import kind_of
 from ..steps import STEP_TYPES
 from .load import PathKey, SourceMap, format_path
 from .model import INPUT_TYPES
@@ -164,22 +165,6 @@ def connections_file_problems(data: Any, smap: SourceMap) -> list[Problem]:
     return [p for error in _connections_validator().iter_errors(data) for p in _describe(error, smap)]
 
 
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    return "a mapping"
-
-
 _TYPE_WORDS = {"string": "a string", "integer": "an integer", "number": "a number", "boolean": "true or false",
                "array": "a list", "object": "a mapping", "null": "null"}
 
@@ -210,7 +195,7 @@ def _describe(error: Any, smap: SourceMap) -> list[Problem]:
     if v == "type":
         wanted = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
         words = " or ".join(_TYPE_WORDS.get(t, t) for t in wanted)
-        return [Problem(f"expected {words}, got {_kind(inst)} {_show(inst)}", where, dotted, _type_hint(wanted, inst))]
+        return [Problem(f"expected {words}, got {kind_of(inst)} {_show(inst)}", where, dotted, _type_hint(wanted, inst))]
     if v == "enum":
         choices = [str(c) for c in error.validator_value]
         if path[-1:] == ("type",) and len(path) == 3 and path[0] == "steps":
@@ -271,7 +256,7 @@ def _any_of(error: Any, inst: Any, where: Any, dotted: str) -> Problem:
             bad = [k for k in inst if k not in allowed]
             return Problem(f"unknown property '{bad[0]}'", where, dotted,
                            did_you_mean(bad[0], allowed) or "allowed: " + ", ".join(sorted(allowed)))
-    return Problem(f"expected {words}, got {_kind(inst)} {_show(inst)}", where, dotted)
+    return Problem(f"expected {words}, got {kind_of(inst)} {_show(inst)}", where, dotted)
 
 
 def _valid_name(name: Any) -> bool:
