@@ -93,9 +93,11 @@ def test_temperature_defaults_to_0_7(chat, llm) -> None:
     assert llm.chat_requests[-1].json["temperature"] == 0.7
 
 
-def test_stdout_gets_the_first_words_before_the_stream_ends(llm, write_flow) -> None:
+def test_example_chat_flow_streams_to_stdout_before_the_stream_ends(llm) -> None:
     llm.script(Reply(text=["First", " words", " arrive", " early", " and", " often."], chunk_delay=0.4))
-    proc = spawn(write_flow(FLOW.format(conn_extra="", step_extra="")), llm)
+    env = {**os.environ, "OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": llm.base_url}
+    proc = subprocess.Popen([sys.executable, "-m", "flowrunner", "run", "flows/chat.yaml", "-i", "question=Hi?"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         first = proc.stdout.read(5)  # type: ignore[union-attr]
         assert first == b"First"
@@ -105,31 +107,48 @@ def test_stdout_gets_the_first_words_before_the_stream_ends(llm, write_flow) -> 
         assert proc.wait(timeout=30) == 0
     finally:
         proc.kill()
+    assert llm.chat_requests[-1].json["messages"][-1] == {"role": "user", "content": "Hi?"}
 
 
-def test_azure_openai_hits_the_deployment_path(llm, write_flow) -> None:
-    flow = write_flow("""
-version: 1
-name: azure-chat
+def test_same_flow_on_azure_openai_hits_the_deployment_path(llm, tmp_path: Path) -> None:
+    (tmp_path / "azure.yaml").write_text("""
 connections:
   llm:
     type: azure_openai
     endpoint: ${env.AZ_ENDPOINT}
     api_key: ${env.AZ_KEY}
     api_version: 2024-10-21
-steps:
-  - id: answer
-    type: chat_completion
-    connection: llm
     deployment: my-gpt4o
-    user_prompt: hello azure
 """)
-    out = run_cli("run", str(flow), env={"AZ_ENDPOINT": llm.azure_endpoint, "AZ_KEY": "az-key-1234"})
+    out = run_cli("run", "flows/chat.yaml", "-i", "question=hello azure", "--connections", str(tmp_path / "azure.yaml"),
+                  env={"AZ_ENDPOINT": llm.azure_endpoint, "AZ_KEY": "az-key-1234"})
     assert out.returncode == 0, out.stderr
     assert out.stdout == "Hello from the flowrunner test server.\n"
     req = llm.chat_requests[-1]
     assert req.path == "/openai/deployments/my-gpt4o/chat/completions"
     assert req.query["api-version"] == "2024-10-21" and req.headers["api-key"] == "az-key-1234"
+    assert "authorization" not in req.headers
+
+
+def test_azure_step_level_deployment(llm, write_flow) -> None:
+    flow = write_flow("""
+version: 1
+name: azure-chat
+connections:
+  llm: {type: azure_openai, endpoint: "${env.AZ_ENDPOINT}", api_key: "${env.AZ_KEY}"}
+steps:
+  - {id: answer, type: chat_completion, connection: llm, deployment: step-deploy, user_prompt: hi}
+""")
+    out = run_cli("run", str(flow), env={"AZ_ENDPOINT": llm.azure_endpoint, "AZ_KEY": "az-key-1234"})
+    assert out.returncode == 0, out.stderr
+    assert llm.chat_requests[-1].path == "/openai/deployments/step-deploy/chat/completions"
+
+
+def test_refusal_is_an_output(chat, llm) -> None:
+    llm.script(Reply(refusal="I can't help with that."))
+    out = chat("--sink", "jsonl:-")
+    assert out.returncode == 0, out.stderr
+    assert finished(out, "answer")["outputs"]["refusal"] == "I can't help with that."
 
 
 def test_missing_key_is_an_error_before_any_request(llm, write_flow) -> None:
