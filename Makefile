@@ -5,13 +5,16 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+TORCH  ?= 2.13.0
 
 .PHONY: install demo test bench schema clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@# torch first, pinned to the CPU build: otherwise sentence-transformers pulls CUDA packages.
+	$(BIN)/python -m pip install --quiet 'torch==$(TORCH)'
+	$(BIN)/python -m pip install --quiet -e '.[test,local]'
 	@# An editable install leaves no bytecode (and PYTHONDONTWRITEBYTECODE may forbid writing it
 	@# later): compile it now, as pip does for a regular install, so start-up is fast.
 	$(BIN)/python -m compileall -q flowrunner

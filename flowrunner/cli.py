@@ -89,6 +89,35 @@ def steps(type_name: str | None) -> int:
     return 0
 
 
+@cli.group()
+def db() -> None:
+    """The embedded PostgreSQL (used by postgres connections without a dsn)."""
+
+
+@db.command("status")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Its data directory.")
+def db_status(data_dir: Path | None) -> int:
+    """Say whether the embedded PostgreSQL is running."""
+    from .connections import embedded_pg
+
+    directory = embedded_pg.data_dir(str(data_dir) if data_dir else None)
+    pid = embedded_pg.status(directory)
+    click.echo(f"running (pid {pid}) in {directory}" if pid else f"not running ({directory})")
+    return 0
+
+
+@db.command("stop")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Its data directory.")
+def db_stop(data_dir: Path | None) -> int:
+    """Stop the embedded PostgreSQL (its data stays; the next run starts it again)."""
+    from .connections import embedded_pg
+
+    directory = embedded_pg.data_dir(str(data_dir) if data_dir else None)
+    stopped = embedded_pg.stop(directory)
+    click.echo(f"stopped the embedded PostgreSQL in {directory}" if stopped else f"not running ({directory})")
+    return 0
+
+
 def print_error(error: FlowError, debug: bool = False) -> None:
     """The one error printer: `Error: file:line:col: path: message` plus a hint, never a traceback
     unless --debug, never a secret."""

@@ -10,10 +10,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PLUGINS = "tests.support.plugin_steps"
 
-try:  # the OpenAI-protocol test server's fixtures
-    from tests.support.fixtures import *  # noqa: F401,F403
-except ImportError:  # pragma: no cover - only while the server is being written
-    pass
+from tests.support.fixtures import *  # noqa: F401,F403  (the OpenAI-protocol test server)
+from tests.support.postgres import *  # noqa: F401,F403  (PostgreSQL with pgvector)
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT, plugins: bool = False,

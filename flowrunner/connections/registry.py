@@ -65,6 +65,7 @@ CONNECTION_TYPES: dict[str, ConnectionType] = {
                 "timeout": _SECONDS,
             },
             secrets=("dsn",),
+            opener="flowrunner.connections.postgres:open_postgres",
         ),
         ConnectionType(
             "sqlserver",

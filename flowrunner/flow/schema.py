@@ -215,7 +215,7 @@ def _describe(error: Any, smap: SourceMap) -> list[Problem]:
         if error.validator_value == NAME_PATTERN:
             return [Problem(f"{_show(inst)} is not a valid name", where, dotted,
                             "use letters, digits, '_' and '-', starting with a letter or '_'")]
-        return [Problem(f"{_show(inst)} is not a ${{...}} reference", where, dotted)]
+        return [Problem(f"{_show(inst)} is not {sch.get('description') or 'of the expected form'}", where, dotted)]
     if v == "propertyNames":
         bad = [k for k in inst if not _valid_name(k)] if isinstance(inst, dict) else []
         return [Problem(f"{_show(k)} is not a valid name", smap.location((*path, k), key=True),
@@ -246,6 +246,9 @@ def _any_of(error: Any, inst: Any, where: Any, dotted: str) -> Problem:
         words += " or a ${...} reference"
     if isinstance(inst, str) and takes_ref and "${" in inst:
         return Problem(f"{_show(inst)} must be exactly one ${{...}} reference here", where, dotted)
+    patterned = [b for b in branches if "pattern" in b and "description" in b]
+    if isinstance(inst, str) and patterned:
+        return Problem(f"{_show(inst)} is not {patterned[0]['description']}", where, dotted)
     detail = [c for c in error.context if c.validator not in ("type", "pattern")]
     if detail and type(inst).__name__ in ("int", "float", "dict") and detail[0].validator != "additionalProperties":
         return Problem(f"{detail[0].message[:120]}", where, dotted)

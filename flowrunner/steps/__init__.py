@@ -12,6 +12,8 @@ from ..errors import FlowDefinitionError
 from .base import Step
 from .chat_completion import ChatCompletionStep
 from .set import SetStep
+from .vector_search import VectorSearchStep
+from .vector_upsert import VectorUpsertStep
 
 STEP_TYPES: dict[str, type[Step]] = {}
 
@@ -25,7 +27,7 @@ def register(cls: type[Step]) -> type[Step]:
     return cls
 
 
-for _cls in (SetStep, ChatCompletionStep):
+for _cls in (SetStep, ChatCompletionStep, VectorSearchStep, VectorUpsertStep):
     STEP_TYPES[_cls.type_name] = _cls
 
 

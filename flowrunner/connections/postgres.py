@@ -1,0 +1,88 @@
+"""`postgres` connections: one asyncpg pool per run (or batch), the pgvector codec registered on
+every connection so vectors travel in binary. Without `dsn`, the embedded server."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import secrets
+from ..errors import FlowRuntimeError, Problem
+from .pool import ResolvedConnection
+
+DEFAULT_POOL_SIZE = 10
+DEFAULT_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class PostgresDB:
+    name: str
+    pool: Any  # asyncpg.Pool
+    where: str  # for messages: host/db or "the embedded PostgreSQL", never a password
+    embedded: bool
+    dims_cache: dict[tuple[str, str], int] = field(default_factory=dict)  # (table, column) -> vector width
+
+    async def enable_vectors(self) -> None:
+        """CREATE EXTENSION vector, then renew the pool's connections so each registers the codec."""
+        await self.pool.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        await self.pool.expire_connections()
+
+
+def describe_dsn(dsn: str) -> str:
+    """host:port/db of a DSN, for error messages; the password never appears."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(dsn)
+        host = parts.hostname or "localhost"
+        return f"{host}{':' + str(parts.port) if parts.port else ''}{parts.path or ''}"
+    except ValueError:
+        return "the configured dsn"
+
+
+async def _init_connection(conn: Any) -> None:
+    import json
+
+    from pgvector.asyncpg import register_vector
+
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    try:
+        await register_vector(conn)
+    except ValueError:
+        pass  # no vector extension yet: vector steps say so, or create it with `create: true`
+
+
+async def open_postgres(conn: ResolvedConnection, stack: AsyncExitStack) -> PostgresDB:
+    import asyncpg
+
+    from . import embedded_pg
+
+    dsn = conn.config.get("dsn")
+    timeout = float(conn.config.get("timeout") or DEFAULT_TIMEOUT)
+    if dsn:
+        where, embedded = describe_dsn(dsn), False
+    else:
+        if "dsn" in conn.missing_env:
+            conn.require("dsn", "a dsn")  # the flow asked for ${env.X} and X is not set: say so
+        directory = embedded_pg.data_dir(conn.config.get("data_dir"))
+        try:
+            dsn = await asyncio.to_thread(embedded_pg.start, directory)
+        except Exception as e:  # pgserver raises plain exceptions; the log is in the data dir
+            raise FlowRuntimeError(Problem(f"cannot start the embedded PostgreSQL in {directory}: {e}",
+                                           hint=f"see {directory / 'log'}; `flowrunner db stop` resets it")) from e
+        where, embedded = f"the embedded PostgreSQL ({directory})", True
+    secrets.register(dsn)
+    try:
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=int(conn.config.get("pool_size") or DEFAULT_POOL_SIZE),
+                                         init=_init_connection, timeout=timeout, command_timeout=None)
+    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+        raise FlowRuntimeError(Problem(f"cannot connect to PostgreSQL at {where}: {secrets.redact(str(e)) or type(e).__name__}",
+                                       path=f"connections.{conn.name}",
+                                       hint="check the dsn, and that the server is running and reachable")) from None
+    stack.push_async_callback(pool.close)
+    db = PostgresDB(conn.name, pool, where, embedded)
+    if embedded:
+        await db.enable_vectors()  # our own server: pgvector is always there
+    return db

@@ -1,0 +1,1 @@
+"""pgvector tables, embeddings and chunking, shared by vector_search and vector_upsert."""
