@@ -14,7 +14,8 @@ import asyncio
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import aclosing
 from typing import Any
 
 import structlog
@@ -38,6 +39,11 @@ class StepContext:
         self.props = props
         self.run = run
         self.attempt = attempt
+        self.partial: Callable[[], dict[str, Any]] | None = None  # set by steps that stream
+
+    def partial_outputs(self) -> dict[str, Any]:
+        """What the step has produced so far, for when it is stopped from outside (a timeout)."""
+        return dict(self.partial()) if self.partial else {}
 
     @property
     def step_id(self) -> str:
@@ -81,8 +87,9 @@ class Run:
                 if self.errors and not spec.run_on_failure:
                     yield StepFinished(spec.id, "skipped")
                     continue
-                async for event in self._run_step(spec):
-                    yield event
+                async with aclosing(self._run_step(spec)) as step_events:
+                    async for event in step_events:
+                        yield event
             if not self.errors:
                 self._finish_outputs()
         finally:
@@ -119,21 +126,24 @@ class Run:
                 yield StepStarted(spec.id, spec.type, spec.title, attempt)
                 log.info("step started", type=spec.type, attempt=attempt)
                 sent = False
+                outputs = {}
+                ctx = StepContext(spec, props, self, attempt)
                 try:
-                    ctx = StepContext(spec, props, self, attempt)
-                    async for item in self._attempt(cls(spec), ctx, timeout):
-                        if isinstance(item, Outputs):
-                            outputs = dict(item.values)
-                        else:
-                            sent = sent or type(item) is TextDelta
-                            if type(item) is Warning:
-                                log.warning(secrets.redact(item.message))
-                            yield item
+                    async with aclosing(self._attempt(cls(spec), ctx, timeout)) as items:
+                        async for item in items:
+                            if isinstance(item, Outputs):
+                                outputs = dict(item.values)
+                            else:
+                                sent = sent or type(item) is TextDelta
+                                if type(item) is Warning:
+                                    log.warning(secrets.redact(item.message))
+                                yield item
                     break
                 except (StepFailed, TimeoutError) as e:
                     retryable = isinstance(e, TimeoutError) or e.retryable
-                    if isinstance(e, StepFailed):
-                        outputs = dict(e.outputs)
+                    # What the step had produced: its error's outputs, or on a timeout what it
+                    # published as it went (the chat step's text so far).
+                    outputs = dict(e.outputs) if isinstance(e, StepFailed) else ctx.partial_outputs()
                     if retryable and not sent and attempt < spec.retry.attempts:
                         delay = min(spec.retry.backoff * 2 ** (attempt - 1), spec.retry.max_backoff)
                         message = _message(e, timeout)
@@ -167,8 +177,17 @@ class Run:
         structlog.contextvars.unbind_contextvars("step")
 
     def _resolve(self, spec: StepSpec) -> tuple[dict[str, Any], float | None]:
+        """The step's properties with references replaced; values that came through a reference are
+        checked against the step's schema now, as literal values were when the flow was loaded."""
+        from .flow.schema import runtime_problems
+
         scope = self.scope()
         props = refs.resolve(dict(spec.props), scope)
+        if any(isinstance(v, refs.Template) for v in spec.props.values()):
+            problems = runtime_problems(spec.type, props)
+            if problems:
+                raise FlowRuntimeError(Problem(problems[0], hint="a ${...} reference resolved to a value "
+                                                                 "this property does not take"))
         timeout = refs.resolve(spec.timeout, scope)
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
             raise FlowRuntimeError(Problem(f"timeout must be a positive number of seconds, got {timeout!r}"))

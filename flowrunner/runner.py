@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +99,9 @@ async def _drive(run: Any, sink: Sink) -> int | None:
         pass
     try:
         event: Event
-        async for event in run.events():
-            sink.handle(event)
+        async with aclosing(run.events()) as events:
+            async for event in events:
+                sink.handle(event)
     except asyncio.CancelledError:
         if terminated:
             return EXIT_TERMINATED
@@ -111,8 +113,8 @@ def _print_outputs(outputs: dict[str, Any], sink: Sink, output_format: str) -> N
     if output_format == "json":
         click.echo(json.dumps(outputs, ensure_ascii=False, indent=2, default=str))
         return
-    if sink.uses_stdout and (getattr(sink, "wrote_text", False) or not hasattr(sink, "wrote_text")):
-        return  # the answer already streamed to stdout (or stdout carries JSON events)
+    if sink.stdout_taken:
+        return  # the answer already streamed to stdout, or stdout carries JSON events
     if len(outputs) == 1:
         click.echo(to_text(next(iter(outputs.values()))))
     else:

@@ -6,6 +6,7 @@ their text through `redact` so no secret is ever printed."""
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 MASK = "***"
@@ -19,15 +20,20 @@ _PASSWORD_PARTS = (
 )
 
 
-def register(value: Any) -> None:
+MIN_SECRET = 8  # shorter whole values (e.g. api_key: ollama) are not secrets, and masking them would
+MIN_PART = 4  # garble ordinary text; a password inside a connection string is masked from 4 characters
+
+
+def register(value: Any, *, whole: bool = True) -> None:
+    """Mask `value` from now on (when `whole`), and any password inside it (DSN, ODBC string, URL)."""
     global _pattern
-    if not isinstance(value, str) or len(value) < 4:
-        return  # too short to be a real secret, and masking it would garble ordinary text
-    found = {value}
+    if not isinstance(value, str):
+        return
+    found = {value} if whole and len(value) >= MIN_SECRET else set()
     for rx in _PASSWORD_PARTS:
         for m in rx.finditer(value):
             part = m.group(1).strip("{}")
-            if len(part) >= 4:
+            if len(part) >= MIN_PART:
                 found.add(part)
     if found - _secrets:
         _secrets.update(found)
@@ -47,7 +53,7 @@ def redact_value(value: Any) -> Any:
         return value
     if isinstance(value, str):
         return redact(value)
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
         return {k: redact_value(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [redact_value(v) for v in value]

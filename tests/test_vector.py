@@ -131,7 +131,7 @@ def test_injection_through_column_names_is_refused(items, write_flow) -> None:
     out = search(items, write_flow, 'columns: {content: "content, (SELECT 1)"}')
     assert out.returncode == 2 and "is not a valid column name" in out.stderr, out.stderr
     out = search(items, write_flow, "", "${inputs.table}", "-i", 'table=items"; DROP TABLE items; --')
-    assert out.returncode == 1 and "is not a valid name" in out.stderr
+    assert out.returncode == 1 and "is not a valid table name" in out.stderr
     assert items.execute("SELECT count(*) FROM items")[0][0] == 4
 
 

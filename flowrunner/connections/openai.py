@@ -10,9 +10,11 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
 
+from .. import secrets
 from ..errors import FlowDefinitionError
 from .pool import ResolvedConnection
 
+KEYLESS = "not-needed"
 DEFAULT_IDLE_TIMEOUT = 120.0  # seconds with no byte from the server, before or inside a stream
 DEFAULT_MAX_RETRIES = 2
 DEFAULT_AZURE_API_VERSION = "2024-10-21"
@@ -28,6 +30,7 @@ class LLMClient:
     max_retries: int
     deployment: str | None = None  # Azure: the connection's default deployment
     where: str = ""  # base URL or endpoint, for error messages (never carries a secret)
+    keyless: bool = False  # no API key was configured or set: a placeholder was sent
 
 
 def _common(conn: ResolvedConnection) -> tuple[float, int, Any]:
@@ -47,18 +50,20 @@ async def open_openai(conn: ResolvedConnection, stack: AsyncExitStack) -> LLMCli
     api_key = conn.config.get("api_key")
     if not api_key and "api_key" not in conn.missing_env and "api_key" not in conn.config:
         api_key = os.environ.get("OPENAI_API_KEY")  # like the SDK, when the flow names no key at all
+        secrets.register(api_key)
     if not api_key:
         if base_url is None:
             conn.require("api_key", "an API key")  # raises, naming the env var that is not set
             raise FlowDefinitionError.at(f"connection '{conn.name}' needs an API key",
                                          hint="set OPENAI_API_KEY, or base_url for a local server")
-        api_key = "not-needed"  # local OpenAI-compatible servers (Ollama, vLLM, llama.cpp) take any key
+        api_key = KEYLESS  # local OpenAI-compatible servers (Ollama, vLLM, llama.cpp) take any key
     client = openai.AsyncOpenAI(
         api_key=api_key, base_url=base_url, organization=conn.config.get("organization"),
         project=conn.config.get("project"), timeout=timeout, max_retries=retries,
     )
     stack.push_async_callback(client.close)
-    return LLMClient(conn.name, "openai", client, idle, retries, where=str(client.base_url))
+    return LLMClient(conn.name, "openai", client, idle, retries, where=_without_userinfo(str(client.base_url)),
+                     keyless=api_key == KEYLESS)
 
 
 async def open_azure_openai(conn: ResolvedConnection, stack: AsyncExitStack) -> LLMClient:
@@ -81,4 +86,13 @@ async def open_azure_openai(conn: ResolvedConnection, stack: AsyncExitStack) -> 
         timeout=timeout, max_retries=retries,
     )
     stack.push_async_callback(client.close)
-    return LLMClient(conn.name, "azure_openai", client, idle, retries, conn.config.get("deployment"), endpoint)
+    return LLMClient(conn.name, "azure_openai", client, idle, retries, conn.config.get("deployment"),
+                     _without_userinfo(endpoint))
+
+
+def _without_userinfo(url: str) -> str:
+    """A URL for messages: user:password@ removed."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])) if "@" in parts.netloc else url

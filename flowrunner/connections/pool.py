@@ -49,13 +49,17 @@ def resolve_connection(spec: ConnectionSpec, env: Mapping[str, str]) -> Resolved
     for key, value in spec.config.items():
         if isinstance(value, refs.Template):
             absent = [r.name for r in value.refs if r.name not in env]
+            if absent and value.whole is None:  # "http://${env.HOST}/v1" with HOST unset: never guess
+                raise FlowDefinitionError(Problem(
+                    f"environment variable {absent[0]} is not set", spec.source.location((*spec.path, key))
+                    if spec.source else None, f"connections.{spec.name}.{key}", f"export {absent[0]}=..."))
             if absent:
                 missing[key] = absent[0]
                 continue
             value = refs.resolve(value, refs.Scope({}, {}, {}, env))
         config[key] = value
-        if key in ctype.secrets:
-            secrets.register(value)
+        # Secret fields whole; and any password inside any field (a URL's user:password@).
+        secrets.register(value, whole=key in ctype.secrets)
     return ResolvedConnection(spec.name, spec.type, config, missing)
 
 
@@ -84,9 +88,10 @@ class Connections:
             if name not in self._opened:
                 try:
                     self._opened[name] = await self._open(self.resolved[name])
-                except FlowDefinitionError as e:  # point at the connection's line in the flow file
+                except FlowDefinitionError as e:  # point at the connection's line in its file
+                    source = self.flow.connections[name].source or self.flow.source
                     raise FlowDefinitionError([
-                        replace(p, location=p.location or self.flow.source.location(tuple(p.path.split("."))))
+                        replace(p, location=p.location or source.location(tuple(p.path.split("."))))
                         for p in e.problems]) from None
         return self._opened[name]
 

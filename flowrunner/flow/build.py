@@ -117,7 +117,10 @@ class _Builder:
                 if ref.kind != "env":
                     self._ref_problem(ref, ref_path, f"{ref.text}: connections may only use ${{env.NAME}}",
                                       "connections are opened before any step runs; pass other values to steps")
-            out[name] = ConnectionSpec(name, decl["type"], frozen(config), path)
+                elif len(ref.path) != 1:
+                    self._ref_problem(ref, ref_path, f"{ref.text}: an environment variable is text; nothing is "
+                                      "inside it", f"write ${{env.{ref.name}}}")
+            out[name] = ConnectionSpec(name, decl["type"], frozen(config), path, self.smap)
         return out
 
     def _steps(self, inputs: dict[str, InputSpec], connections: dict[str, ConnectionSpec]) -> list[StepSpec] | None:

@@ -33,6 +33,7 @@ class ConnectionSpec:
     type: str
     config: Mapping[str, Any]  # values may be Templates of ${env.X}
     path: PathKey = ()
+    source: SourceMap | None = field(default=None, repr=False, compare=False)  # the file it came from
 
 
 @dataclass(frozen=True)

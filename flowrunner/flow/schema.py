@@ -127,6 +127,7 @@ def invalidate() -> None:
     """Forget the compiled schemas (after a step type is registered)."""
     _validator.cache_clear()
     _connections_validator.cache_clear()
+    _runtime_validator.cache_clear()
 
 
 @lru_cache(maxsize=1)
@@ -159,6 +160,24 @@ def _connections_validator() -> Any:
         "properties": {"connections": full["properties"]["connections"]},
         "$defs": full["$defs"],
     })
+
+
+@lru_cache(maxsize=None)
+def _runtime_validator(step_type: str) -> Any:
+    """The step type's schema with the reference branch removed: for values already resolved."""
+    from jsonschema import Draft202012Validator
+
+    full = build_schema()
+    defs = {**full["$defs"], "reference": False}
+    return Draft202012Validator({"$schema": full["$schema"], "$ref": f"#/$defs/step.{step_type}", "$defs": defs})
+
+
+def runtime_problems(step_type: str, props: dict[str, Any]) -> list[str]:
+    """Messages for resolved step properties that the step type does not take."""
+    validator = _runtime_validator(step_type)
+    smap = SourceMap("", "")
+    instance = {"id": "x", "type": step_type, **props}
+    return [f"{p.path}: {p.message}" for e in validator.iter_errors(instance) for p in _describe(e, smap)]
 
 
 def connections_file_problems(data: Any, smap: SourceMap) -> list[Problem]:

@@ -34,7 +34,9 @@ def api_error(e: Any, llm: Any) -> StreamError:
             return StreamError(f"rate limited (429){retries}: {text}",
                                "lower the concurrency, or raise the connection's max_retries", retryable=True)
         if status in (401, 403):
-            return StreamError(f"authentication failed ({status}): {text}", "check the connection's API key")
+            hint = ("no API key was set, so none was sent: set the connection's api_key (e.g. OPENAI_API_KEY)"
+                    if getattr(llm, "keyless", False) else "check the connection's API key")
+            return StreamError(f"authentication failed ({status}): {text}", hint)
         if status == 404:
             what = "deployment" if llm.kind == "azure_openai" else "model"
             return StreamError(f"not found (404): {text}", f"check the {what} name"

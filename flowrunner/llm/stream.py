@@ -56,9 +56,9 @@ class StreamState:
                 call["type"] = frag["type"]
             function = frag.get("function") or {}
             if function.get("name"):
-                call["name"] += function["name"]
+                call["name"] += str(function["name"])
             if function.get("arguments"):
-                call["arguments"] += function["arguments"]
+                call["arguments"] += str(function["arguments"])
 
     def parsed_tool_calls(self) -> list[dict[str, Any]]:
         out = []
@@ -114,29 +114,13 @@ async def read_stream(response: Any, step_id: str, state: StreamState, idle_time
                                       "the server does not speak the OpenAI streaming format correctly") from None
                 if type(chunk) is not dict:
                     raise StreamError(f"the server sent a chunk that is not a JSON object: {data[:120]!r}")
-                if chunk.get("error"):
-                    raise StreamError(f"the server reported an error mid-stream: {_error_text(chunk['error'])}",
-                                      retryable=True)
-                if state.model is None and chunk.get("model"):
-                    state.model = chunk["model"]
-                usage = chunk.get("usage")
-                if usage:
-                    state.usage = usage
-                for choice in chunk.get("choices") or ():  # Azure sends chunks with no choices: fine
-                    if choice.get("index", 0) != 0:
-                        continue
-                    delta = choice.get("delta")
-                    if delta:
-                        content = delta.get("content")
-                        if content:
-                            state.parts.append(content)
-                            yield TextDelta(step_id, content)
-                        if delta.get("tool_calls"):
-                            state.add_tool_calls(delta["tool_calls"])
-                        if delta.get("refusal"):
-                            state.refusal.append(delta["refusal"])
-                    if choice.get("finish_reason"):
-                        state.finish_reason = choice["finish_reason"]
+                try:
+                    text = _apply(chunk, state)
+                except (AttributeError, TypeError, KeyError, ValueError):
+                    raise StreamError(f"the server sent a chunk of an unexpected shape: {data[:160]!r}",
+                                      "the server does not speak the OpenAI streaming format correctly") from None
+                if text:
+                    yield TextDelta(step_id, text)
     except TimeoutError:
         if not state.done:
             raise
@@ -152,8 +136,40 @@ async def read_stream(response: Any, step_id: str, state: StreamState, idle_time
         raise StreamError(f"the stream stalled: no data for {idle_timeout:g} s",
                           "the connection's `timeout` sets the longest silence allowed", retryable=True) from None
     except httpx2.TransportError as e:
+        if state.finish_reason:
+            return  # the answer and its finish_reason arrived: a cut before [DONE] is only a warning
         raise StreamError(f"the connection broke mid-stream ({type(e).__name__}: {e or 'closed'})",
                           retryable=True) from None
+
+
+def _apply(chunk: dict[str, Any], state: StreamState) -> str | None:
+    """Fold one chunk into `state`; return its content delta (first choice only), if any."""
+    if chunk.get("error"):
+        raise StreamError(f"the server reported an error mid-stream: {_error_text(chunk['error'])}", retryable=True)
+    if state.model is None and chunk.get("model"):
+        state.model = chunk["model"]
+    usage = chunk.get("usage")
+    if usage:
+        state.usage = dict(usage)
+    text = None
+    for choice in chunk.get("choices") or ():  # Azure sends chunks with no choices: fine
+        if choice.get("index", 0) != 0:
+            continue
+        delta = choice.get("delta")
+        if delta:
+            content = delta.get("content")
+            if content:
+                if type(content) is not str:
+                    raise TypeError("content is not text")
+                state.parts.append(content)
+                text = content
+            if delta.get("tool_calls"):
+                state.add_tool_calls(delta["tool_calls"])
+            if delta.get("refusal"):
+                state.refusal.append(str(delta["refusal"]))
+        if choice.get("finish_reason"):
+            state.finish_reason = str(choice["finish_reason"])
+    return text
 
 
 def _error_text(error: Any) -> str:

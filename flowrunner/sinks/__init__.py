@@ -10,7 +10,11 @@ from ..events import Event
 
 
 class Sink(Protocol):
-    uses_stdout: bool
+    uses_stdout: bool  # writes to stdout at all (so --output json cannot)
+
+    @property
+    def stdout_taken(self) -> bool:
+        """True once stdout holds what printing the outputs would duplicate or corrupt."""
 
     def handle(self, event: Event) -> None: ...
 
@@ -19,6 +23,7 @@ class Sink(Protocol):
 
 class NullSink:
     uses_stdout = False
+    stdout_taken = False
 
     def handle(self, event: Event) -> None:
         pass

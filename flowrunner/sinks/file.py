@@ -7,6 +7,7 @@ from ..events import Event, TextDelta
 
 class FileSink:
     uses_stdout = False
+    stdout_taken = False
 
     def __init__(self, path: str) -> None:
         self.stream = open(path, "w", encoding="utf-8")  # noqa: SIM115

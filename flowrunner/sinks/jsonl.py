@@ -12,7 +12,7 @@ from ..events import Event
 
 class JsonlSink:
     def __init__(self, path: str) -> None:
-        self.uses_stdout = path == "-"
+        self.uses_stdout = self.stdout_taken = path == "-"
         self.stream = sys.stdout if self.uses_stdout else open(path, "w", encoding="utf-8")  # noqa: SIM115
         self._finished = False
 
@@ -20,7 +20,9 @@ class JsonlSink:
         record = event.as_dict()
         if event.kind == "run_finished":
             self._finished = True
-        self.stream.write(secrets.redact(json.dumps(record, ensure_ascii=False, default=_default)) + "\n")
+        elif event.kind != "text":  # the model's own words are left alone; everything else is masked
+            record = secrets.redact_value(record)  # before encoding: JSON escapes would hide a secret
+        self.stream.write(json.dumps(record, ensure_ascii=False, default=_default) + "\n")
         self.stream.flush()
 
     def close(self, interrupted: bool = False) -> None:

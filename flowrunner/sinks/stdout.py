@@ -29,6 +29,10 @@ class StdoutSink:
             self.stream.flush()
             self._last = "\n"
 
+    @property
+    def stdout_taken(self) -> bool:
+        return self.wrote_text
+
     def close(self, interrupted: bool = False) -> None:
         if self._last != "\n":
             self.stream.write("\n")

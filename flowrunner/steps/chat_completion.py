@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import Problem, StepFailed
+from ..refs import to_text
 from .base import Outputs, Step, ref_or
 
 if TYPE_CHECKING:
@@ -81,7 +83,7 @@ class ChatCompletionStep(Step):
         return []
 
     async def run(self, ctx: StepContext) -> AsyncIterator[Event | Outputs]:
-        from ..events import Usage, Warning
+        from ..events import TextDelta, Usage, Warning  # lazily: `validate` never needs events
         from ..llm.prompt import PromptError, build_messages
         from ..llm.stream import StreamError, StreamState
 
@@ -89,7 +91,7 @@ class ChatCompletionStep(Step):
         llm: LLMClient = await ctx.connection()
         model = p.get("model") if llm.kind == "openai" else (p.get("deployment") or llm.deployment)
         try:
-            messages = build_messages(p.get("system_prompt"), p.get("history"), _text(p["user_prompt"]),
+            messages = build_messages(p.get("system_prompt"), p.get("history"), to_text(p["user_prompt"]),
                                       p.get("context"), p.get("prompt_template"))
         except PromptError as e:
             raise StepFailed(str(e)) from None
@@ -98,14 +100,16 @@ class ChatCompletionStep(Step):
             if p.get(key) is not None:
                 request[key] = p[key]
         state = StreamState()
+        ctx.partial = lambda: state.outputs(partial=True)
         try:
             if p.get("stream", True):
-                async for delta in self._stream(llm, request, state, ctx.step_id):
-                    yield delta
+                async with aclosing(self._stream(llm, request, state, ctx.step_id)) as deltas:
+                    async for delta in deltas:
+                        yield delta
             else:
                 text = await self._complete(llm, request, state)
                 if text:
-                    yield _delta(ctx.step_id, text)
+                    yield TextDelta(ctx.step_id, text)
         except StreamError as e:
             raise StepFailed(e.message, hint=e.hint, outputs=state.outputs(partial=True),
                              retryable=e.retryable and not state.parts) from None
@@ -137,8 +141,8 @@ class ChatCompletionStep(Step):
         try:
             async with llm.client.chat.completions.with_streaming_response.create(
                 **request, stream=True, stream_options={"include_usage": True}
-            ) as response:
-                async for delta in read_stream(response.http_response, step_id, state, llm.idle_timeout):
+            ) as response, aclosing(read_stream(response.http_response, step_id, state, llm.idle_timeout)) as deltas:
+                async for delta in deltas:
                     yield delta
         except openai.APIError as e:
             raise api_error(e, llm) from None
@@ -166,15 +170,3 @@ class ChatCompletionStep(Step):
                 state.add_tool_calls([{"index": i, "id": call.id, "type": call.type,
                                        "function": {"name": call.function.name, "arguments": call.function.arguments}}])
         return state.text
-
-
-def _text(value: Any) -> str:
-    from ..refs import to_text
-
-    return to_text(value)
-
-
-def _delta(step_id: str, text: str) -> Event:
-    from ..events import TextDelta
-
-    return TextDelta(step_id, text)
