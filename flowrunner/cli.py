@@ -11,10 +11,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .errors import FlowDefinitionError, FlowError, Problem
-
-EXIT_INTERRUPTED = 130
-
+from .errors import EXIT_INTERRUPTED, FlowDefinitionError, FlowError, Problem
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="flowrunner")

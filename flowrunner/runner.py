@@ -11,12 +11,21 @@ from typing import Any
 
 import click
 
-from .errors import FlowDefinitionError, Location
+from .errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_TERMINATED, FlowDefinitionError, Location
 from .events import Event
 from .refs import to_text
 from .sinks import Sink, open_sink
 
-EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout at /dev/null, so flushing what is left at exit does not fail a second time."""
+    import os
+    import sys
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def parse_pairs(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -52,6 +61,7 @@ def run_once(flow_path: Path, pairs: tuple[str, ...], inputs_file: Path | None, 
     text_pairs = parse_pairs(pairs)
     given.update(text_pairs)
     inputs = resolve_inputs(flow, given, from_text=frozenset(text_pairs))
+    run = Run(flow, inputs)  # resolves the connections' ${env.X}: may fail, before any file is opened
     if output_format == "json" and sink_spec is None:
         sink_spec = "none"
     sink = open_sink(sink_spec or "stdout")
@@ -61,12 +71,14 @@ def run_once(flow_path: Path, pairs: tuple[str, ...], inputs_file: Path | None, 
                                      hint="send the events elsewhere, e.g. --sink jsonl:events.jsonl")
     logs.configure(obj.get("log_format"), obj.get("log_level"))
 
-    run = Run(flow, inputs)
     stopped_by: int | None = None
     try:
         stopped_by = asyncio.run(_drive(run, sink))
     except KeyboardInterrupt:
         stopped_by = EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. `flowrunner run ... | head -c 100`: the reader left; so do we, quietly
+        _stdout_to_devnull()
+        return EXIT_BROKEN_PIPE
     finally:
         sink.close(interrupted=stopped_by is not None)
     if stopped_by is not None:

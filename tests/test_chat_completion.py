@@ -282,6 +282,7 @@ def test_recorded_tool_call_streams_accumulate(chat, llm) -> None:
 def test_recorded_parallel_tool_calls(chat, llm) -> None:
     llm.script(Reply.from_recording("f82268f2fefd"))
     out = chat("--sink", "jsonl:-")
+    assert out.returncode == 0, out.stderr
     calls = finished(out, "answer")["outputs"]["tool_calls"]
     assert len(calls) == 2 and calls[0]["id"] != calls[1]["id"]
     assert all(isinstance(c["arguments"], dict) and c["arguments"] for c in calls)
@@ -340,3 +341,113 @@ steps:
     first, second = llm.chat_requests
     assert second.json["messages"][-1]["content"] == "Hello from the flowrunner test server."
     assert first.connection == second.connection
+
+
+# --- regressions found in review -------------------------------------------------------------
+
+def test_step_timeout_mid_stream_keeps_the_partial_answer(chat, llm) -> None:
+    llm.script(Reply(text=["one", " two", " three", " four", " five", " six"], chunk_delay=0.4))
+    out = chat("--sink", "jsonl:-", step_extra="timeout: 1.5")
+    assert out.returncode == 1
+    answer = finished(out, "answer")
+    assert answer["status"] == "failed" and "timed out after 1.5 s" in answer["error"]
+    assert answer["outputs"]["partial"] is True and answer["outputs"]["text"].startswith("one two")
+    assert finished(out, "keep")["outputs"]["kept"] == answer["outputs"]["text"]
+
+
+def test_closed_pipe_exits_quietly_and_closes_the_stream(llm, write_flow) -> None:
+    llm.script(Reply(text=["word"] * 200, chunk_delay=0.01))
+    flow = write_flow(FLOW.format(conn_extra="", step_extra=""))
+    env = {**os.environ, "TEST_OPENAI_KEY": "k", "TEST_OPENAI_BASE_URL": llm.base_url}
+    cmd = f"{sys.executable} -m flowrunner run {flow} -i question=q | head -c 8"
+    out = subprocess.run(["bash", "-c", cmd + "; echo \" rc=${PIPESTATUS[0]}\""], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout == "wordword rc=141\n"
+    assert "Traceback" not in out.stderr and "Error" not in out.stderr
+    assert llm.wait_for_disconnect(timeout=5)
+
+
+@pytest.mark.parametrize("chunk", [
+    '{"choices":[{"index":0,"delta":{"content":["a","list"]}}]}',
+    '{"choices":{"index":0}}',
+    '{"choices":[{"index":0,"delta":"text"}]}',
+    '{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":"f"}]}}]}',
+])
+def test_valid_json_of_the_wrong_shape_is_a_clear_error(chat, llm, tmp_path: Path, chunk: str) -> None:
+    sse = tmp_path / "odd.sse"
+    sse.write_text('data: {"choices":[{"index":0,"delta":{"role":"assistant","content":"ok"}}]}\n\n'
+                   f"data: {chunk}\n\ndata: [DONE]\n\n")
+    llm.script(Reply(replay=str(sse)))
+    out = chat()
+    assert out.returncode == 1
+    assert "the server sent a chunk of an unexpected shape" in out.stderr
+    assert "Traceback" not in out.stderr and "internal error" not in out.stderr
+
+
+def test_cut_after_finish_reason_is_only_a_warning(chat, llm) -> None:
+    llm.script(Reply(text="a b", disconnect_after=3))  # two deltas and the finish chunk, then the cut
+    out = chat("--sink", "jsonl:-")
+    assert out.returncode == 0, out.stderr
+    assert finished(out, "answer")["outputs"]["text"] == "a b"
+    assert any(e["event"] == "warning" and "without [DONE]" in e["message"] for e in events(out))
+
+
+def test_values_from_references_are_checked_at_run_time(llm, write_flow) -> None:
+    flow = write_flow("""
+version: 1
+name: typed
+inputs:
+  stream: {type: string, default: "false"}
+connections:
+  llm: {type: openai, api_key: k, base_url: "${env.TEST_OPENAI_BASE_URL}"}
+steps:
+  - {id: answer, type: chat_completion, connection: llm, model: m, user_prompt: q, stream: "${inputs.stream}"}
+""")
+    out = run_cli("run", str(flow), env={"TEST_OPENAI_BASE_URL": llm.base_url})
+    assert out.returncode == 1
+    assert "stream: expected true or false, got a string 'false'" in out.stderr
+    assert llm.chat_requests == []
+
+
+def test_connection_errors_point_at_the_connections_file(llm, tmp_path: Path) -> None:
+    (tmp_path / "conns.yaml").write_text("connections:\n  llm:\n    type: azure_openai\n"
+                                         "    endpoint: ${env.AZ_ENDPOINT}\n    api_key: ${env.AZ_KEY_UNSET}\n"
+                                         "    deployment: d\n")
+    env = {k: v for k, v in os.environ.items() if k != "AZ_KEY_UNSET"}
+    env["AZ_ENDPOINT"] = llm.azure_endpoint
+    out = subprocess.run([sys.executable, "-m", "flowrunner", "run", "flows/chat.yaml", "-i", "question=q",
+                          "--connections", str(tmp_path / "conns.yaml")], cwd=ROOT, env=env, capture_output=True,
+                         text=True)
+    assert out.returncode == 2
+    assert f"{tmp_path / 'conns.yaml'}:3:5: connections.llm: connection 'llm' needs api_key or azure_ad_token: " \
+           "environment variable AZ_KEY_UNSET is not set" in out.stderr
+
+
+def test_a_missing_variable_inside_a_url_is_an_error_not_a_fallback(llm, write_flow) -> None:
+    flow = write_flow("""
+version: 1
+name: host
+connections:
+  llm: {type: openai, api_key: k, base_url: "http://${env.LLM_HOST_UNSET}/v1"}
+steps:
+  - {id: answer, type: chat_completion, connection: llm, model: m, user_prompt: q}
+""")
+    env = {k: v for k, v in os.environ.items() if k != "LLM_HOST_UNSET"}
+    out = subprocess.run([sys.executable, "-m", "flowrunner", "run", str(flow)], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "flow.yaml:5:53: connections.llm.base_url: environment variable LLM_HOST_UNSET is not set" in out.stderr
+
+
+def test_credentials_in_a_base_url_are_never_printed(write_flow) -> None:
+    flow = write_flow("""
+version: 1
+name: creds
+connections:
+  llm: {type: openai, api_key: k, base_url: "${env.CRED_URL}", max_retries: 0}
+steps:
+  - {id: answer, type: chat_completion, connection: llm, model: m, user_prompt: q}
+""")
+    out = run_cli("run", str(flow), "--sink", "jsonl:-", env={"CRED_URL": "http://user:hunter2secret@127.0.0.1:9/v1"})
+    assert out.returncode == 1 and "cannot reach http://127.0.0.1:9/v1" in out.stderr
+    assert "hunter2secret" not in out.stdout + out.stderr

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import PLUGINS, ROOT, run_cli
 
 SET_FLOW = """
@@ -50,6 +52,7 @@ def test_inputs_file_and_override(write_flow, tmp_path: Path) -> None:
     (tmp_path / "in.json").write_text('{"name": "Bob", "times": 9}')
     out = run_cli("run", str(write_flow(SET_FLOW)), "--inputs-file", str(tmp_path / "in.json"), "-i", "times=4",
                   "--output", "json")
+    assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == {"greeting": "Hello, Bob!", "count": 4}
 
 
@@ -163,6 +166,7 @@ steps:
     out = run_cli("run", str(flow), "--sink", "jsonl:-", plugins=True)
     assert counter.read_text() == "3"
     seq = events(out.stdout)
+    assert {e["step"]: e["status"] for e in seq if e["event"] == "step_finished"} == {"flaky": "ok", "slow": "failed"}
     assert [e["attempt"] for e in seq if e["event"] == "step_retrying"] == [1, 2]
     assert out.returncode == 1
     assert "step 'slow' (test_type) failed: timed out after 0.3 s" in out.stderr
@@ -204,8 +208,8 @@ def test_ctrl_c_stops_cleanly_with_130(write_flow, tmp_path: Path) -> None:
     assert last == {"event": "run_finished", "status": "interrupted"}
 
 
-def test_secrets_are_redacted_everywhere(write_flow, tmp_path: Path) -> None:
-    canary = "sk-canary-7f3a9c1e5b"
+@pytest.mark.parametrize("canary", ["sk-canary-7f3a9c1e5b", 'sk-ab"cd\\ef-12345\ttab'])
+def test_secrets_are_redacted_everywhere(write_flow, tmp_path: Path, canary: str) -> None:
     flow = write_flow("""
 version: 1
 name: leak
@@ -219,6 +223,6 @@ steps:
                       env={"CANARY_KEY": canary}, plugins=True)
         assert out.returncode == 1
         both = out.stdout + out.stderr
-        assert canary not in both
+        assert canary not in both and json.dumps(canary)[1:-1] not in both  # raw, or JSON-escaped
         assert "401 unauthorized for key ***" in out.stderr and "driver said" in out.stderr
         assert "warning mentioning ***" in out.stdout

@@ -50,9 +50,10 @@ def resolve_connection(spec: ConnectionSpec, env: Mapping[str, str]) -> Resolved
         if isinstance(value, refs.Template):
             absent = [r.name for r in value.refs if r.name not in env]
             if absent and value.whole is None:  # "http://${env.HOST}/v1" with HOST unset: never guess
-                raise FlowDefinitionError(Problem(
-                    f"environment variable {absent[0]} is not set", spec.source.location((*spec.path, key))
-                    if spec.source else None, f"connections.{spec.name}.{key}", f"export {absent[0]}=..."))
+                ref = next(r for r in value.refs if r.name == absent[0])
+                where = spec.source.find_in_value((*spec.path, key), ref.text) if spec.source else None
+                raise FlowDefinitionError(Problem(f"environment variable {absent[0]} is not set", where,
+                                                  f"connections.{spec.name}.{key}", f"export {absent[0]}=..."))
             if absent:
                 missing[key] = absent[0]
                 continue

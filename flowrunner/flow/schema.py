@@ -15,6 +15,7 @@ from .load import PathKey, SourceMap, format_path
 from .model import INPUT_TYPES
 
 SCHEMA_ID = "https://flowrunner.dev/schemas/flow.schema.json"
+REFERENCE_BRANCH = {"$ref": "#/$defs/reference"}
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]*$"
 
 COMMON_STEP_PROPERTIES: dict[str, Any] = {
@@ -168,8 +169,24 @@ def _runtime_validator(step_type: str) -> Any:
     from jsonschema import Draft202012Validator
 
     full = build_schema()
-    defs = {**full["$defs"], "reference": False}
-    return Draft202012Validator({"$schema": full["$schema"], "$ref": f"#/$defs/step.{step_type}", "$defs": defs})
+    return Draft202012Validator({"$schema": full["$schema"], "$ref": f"#/$defs/step.{step_type}",
+                                 "$defs": _without_references(full["$defs"])})
+
+
+def _without_references(schema: Any) -> Any:
+    """Drop the `${...} reference` branch of every anyOf (inlining a lone remaining branch)."""
+    if isinstance(schema, list):
+        return [_without_references(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _without_references(v) for k, v in schema.items()}
+    if "anyOf" in out:
+        kept = [b for b in out["anyOf"] if b != REFERENCE_BRANCH]
+        if len(kept) == 1:
+            rest = {k: v for k, v in out.items() if k != "anyOf"}
+            return {**kept[0], **{k: v for k, v in rest.items() if k not in kept[0]}}
+        out["anyOf"] = kept
+    return out
 
 
 def runtime_problems(step_type: str, props: dict[str, Any]) -> list[str]:
