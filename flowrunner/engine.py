@@ -183,8 +183,9 @@ class Run:
 
         scope = self.scope()
         props = refs.resolve(dict(spec.props), scope)
-        if any(isinstance(v, refs.Template) for v in spec.props.values()):
-            problems = runtime_problems(spec.type, props)
+        templated = [k for k, v in spec.props.items() if isinstance(v, refs.Template)]
+        if templated:
+            problems = runtime_problems(spec.type, props, templated)
             if problems:
                 raise FlowRuntimeError(Problem(problems[0], hint="a ${...} reference resolved to a value "
                                                                  "this property does not take"))

@@ -346,12 +346,14 @@ steps:
 # --- regressions found in review -------------------------------------------------------------
 
 def test_step_timeout_mid_stream_keeps_the_partial_answer(chat, llm) -> None:
-    llm.script(Reply(text=["one", " two", " three", " four", " five", " six"], chunk_delay=0.4))
-    out = chat("--sink", "jsonl:-", step_extra="timeout: 1.5")
+    llm.script(Reply(text=["one"] + [" more"] * 60, chunk_delay=0.25))  # 15 s: far longer than the timeout
+    out = chat("--sink", "jsonl:-", step_extra="timeout: 4")
     assert out.returncode == 1
     answer = finished(out, "answer")
-    assert answer["status"] == "failed" and "timed out after 1.5 s" in answer["error"]
-    assert answer["outputs"]["partial"] is True and answer["outputs"]["text"].startswith("one two")
+    streamed = "".join(e["text"] for e in events(out) if e["event"] == "text")
+    assert answer["status"] == "failed" and "timed out after 4 s" in answer["error"]
+    assert answer["outputs"]["partial"] is True and answer["outputs"]["text"] == streamed
+    assert streamed.startswith("one") and len(streamed) < len("one" + " more" * 60)
     assert finished(out, "keep")["outputs"]["kept"] == answer["outputs"]["text"]
 
 

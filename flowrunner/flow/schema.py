@@ -4,6 +4,7 @@ translation of jsonschema's errors into file:line:col problems a person can act 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from functools import lru_cache
 from typing import Any
 
@@ -164,13 +165,31 @@ def _connections_validator() -> Any:
 
 
 @lru_cache(maxsize=None)
-def _runtime_validator(step_type: str) -> Any:
-    """The step type's schema with the reference branch removed: for values already resolved."""
+def _runtime_validator(step_type: str, prop: str) -> Any:
+    """One property's schema, without the reference branch and shallow (no per-item checks, so a
+    384-float vector costs microseconds): for values that arrive through a ${...} reference."""
     from jsonschema import Draft202012Validator
 
     full = build_schema()
-    return Draft202012Validator({"$schema": full["$schema"], "$ref": f"#/$defs/step.{step_type}",
-                                 "$defs": _without_references(full["$defs"])})
+    defs = _without_references(full["$defs"])
+    schema = _shallow(defs[f"step.{step_type}"]["properties"].get(prop, {}))
+    return Draft202012Validator({"$schema": full["$schema"], **schema, "$defs": defs})
+
+
+def _shallow(schema: Any) -> Any:
+    if isinstance(schema, list):
+        return [_shallow(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    drop = ("items", "properties", "additionalProperties", "propertyNames", "required")
+    return {k: _shallow(v) for k, v in schema.items() if k not in drop}
+
+
+def runtime_problems(step_type: str, props: dict[str, Any], keys: Iterable[str]) -> list[str]:
+    """Messages for the resolved properties `keys` that the step type does not take."""
+    smap = SourceMap("", "")
+    return [f"{key}: {p.message}" for key in keys
+            for e in _runtime_validator(step_type, key).iter_errors(props[key]) for p in _describe(e, smap)]
 
 
 def _without_references(schema: Any) -> Any:
@@ -187,14 +206,6 @@ def _without_references(schema: Any) -> Any:
             return {**kept[0], **{k: v for k, v in rest.items() if k not in kept[0]}}
         out["anyOf"] = kept
     return out
-
-
-def runtime_problems(step_type: str, props: dict[str, Any]) -> list[str]:
-    """Messages for resolved step properties that the step type does not take."""
-    validator = _runtime_validator(step_type)
-    smap = SourceMap("", "")
-    instance = {"id": "x", "type": step_type, **props}
-    return [f"{p.path}: {p.message}" for e in validator.iter_errors(instance) for p in _describe(e, smap)]
 
 
 def connections_file_problems(data: Any, smap: SourceMap) -> list[Problem]:

@@ -3,7 +3,6 @@ them into a pgvector table by a stable id, so a re-run changes nothing and embed
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -111,6 +110,8 @@ Chunk = tuple[str, str, dict[str, Any]]  # id, content, metadata
 
 
 def _md5(text: str) -> str:
+    import hashlib
+
     return hashlib.md5(text.encode("utf-8")).hexdigest()  # noqa: S324 - a change check, not security
 
 
@@ -161,6 +162,8 @@ def _document_chunks(documents: Any, size: int, overlap: int) -> list[Chunk]:
             doc = {"content": doc}
         if not isinstance(doc, dict) or not isinstance(doc.get("content"), str):
             raise StepFailed(f"documents[{n}] must be text or an object with `content`")
+        import hashlib
+
         base_id = str(doc.get("id") or hashlib.sha1(doc["content"].encode()).hexdigest()[:16])  # noqa: S324
         meta = doc.get("metadata") or {}
         pieces = chunk_text(doc["content"], size, overlap)

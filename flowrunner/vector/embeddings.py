@@ -3,7 +3,6 @@ model (`provider: local`, an optional extra: pip install 'flowrunner[local]').""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -82,6 +81,8 @@ class LocalEmbedder:
         self.name, self.batch_size = model, batch_size
 
     async def embed(self, texts: Sequence[str]) -> list[Any]:
+        import asyncio
+
         model = await asyncio.to_thread(_load_local, self.name)
         vectors = await asyncio.to_thread(model.encode, list(texts), batch_size=self.batch_size,
                                           normalize_embeddings=True, show_progress_bar=False)
