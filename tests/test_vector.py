@@ -127,9 +127,14 @@ def test_injection_through_identifiers_is_refused_at_load_time(items, write_flow
     assert items.execute("SELECT count(*) FROM items")[0][0] == 4
 
 
-def test_injection_through_column_names_is_refused(items, write_flow) -> None:
-    out = search(items, write_flow, 'columns: {content: "content, (SELECT 1)"}')
+@pytest.mark.parametrize("column", ["id", "content", "embedding", "metadata"])
+def test_injection_through_column_names_is_refused(items, write_flow, column: str) -> None:
+    out = search(items, write_flow, f'columns: {{{column}: "{column}, (SELECT 1); DROP TABLE items"}}')
     assert out.returncode == 2 and "is not a valid column name" in out.stderr, out.stderr
+    assert items.execute("SELECT count(*) FROM items")[0][0] == 4
+
+
+def test_injection_through_the_table_reference_is_refused(items, write_flow) -> None:
     out = search(items, write_flow, "", "${inputs.table}", "-i", 'table=items"; DROP TABLE items; --')
     assert out.returncode == 1 and "is not a valid table name" in out.stderr
     assert items.execute("SELECT count(*) FROM items")[0][0] == 4
@@ -241,6 +246,53 @@ def test_upsert_without_create_into_a_missing_table(pg, llm, write_flow, tmp_pat
     flow = write_flow(INGEST.format(embedding="{connection: llm, model: m}").replace("create: true", "create: false"))
     out = run_cli("run", str(flow), env={**pg.env, "TEST_OPENAI_BASE_URL": llm.base_url})
     assert out.returncode == 1 and "table 'documents' does not exist" in out.stderr
+
+
+def test_documents_from_a_variable_are_stored_verbatim(pg, llm, write_flow) -> None:
+    hostile = "x'); DROP TABLE documents; --"
+    flow = write_flow(f"""
+version: 1
+name: docs-from-variable
+connections:
+  llm: {{type: openai, api_key: k, base_url: "${{env.TEST_OPENAI_BASE_URL}}"}}
+  db: {{type: postgres}}
+steps:
+  - id: gather
+    type: set
+    values:
+      docs:
+        - {{id: faq-1, content: "Refunds take five days.", metadata: {{kind: faq}}}}
+        - "{hostile}"
+  - id: ingest
+    type: vector_upsert
+    connection: db
+    table: documents
+    documents: ${{docs}}
+    embedding: {{connection: llm, model: m, dimensions: 16}}
+    create: true
+""")
+    out = run_cli("run", str(flow), "--sink", "jsonl:-", env={**pg.env, "TEST_OPENAI_BASE_URL": llm.base_url})
+    assert out.returncode == 0, out.stderr
+    progress = [json.loads(line) for line in out.stdout.splitlines() if '"progress"' in line]
+    assert progress[-1]["done"] == progress[-1]["total"] == 2
+    rows = {r[0]: (r[1], json.loads(r[2])) for r in pg.execute("SELECT id, content, metadata FROM documents")}
+    assert rows["faq-1"] == ("Refunds take five days.", {"kind": "faq", "chunk": 0})
+    assert hostile in [content for content, _ in rows.values()]
+
+
+def test_the_example_flows_ingest_then_answer(pg, llm) -> None:
+    env = {**pg.env, "OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": llm.base_url}
+    ingest = run_cli("run", "flows/ingest_docs.yaml", env=env)
+    assert ingest.returncode == 0, ingest.stderr
+    assert ingest.stdout.startswith("upserted: ") and "unchanged: 0" in ingest.stdout
+    llm.script(Reply(text="pgvector adds vector search."))
+    out = run_cli("run", "flows/rag_chat.yaml", "-i", "question=What does pgvector add to PostgreSQL?",
+                  "--output", "json", env=env)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["answer"] == "pgvector adds vector search."
+    assert result["sources"][0]["metadata"]["source"] == "../docs/pgvector.md"
+    assert "[1] (source: ../docs/pgvector.md)" in llm.chat_requests[-1].json["messages"][-1]["content"]
 
 
 def test_db_status_and_stop_for_the_embedded_server(tmp_path, llm, write_flow) -> None:
