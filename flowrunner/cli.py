@@ -91,25 +91,29 @@ def db() -> None:
     """The embedded PostgreSQL (used by postgres connections without a dsn)."""
 
 
+_DATA_DIR = click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+                         help="Its data directory (default: the user's data directory, or $FLOWRUNNER_DATA_DIR).")
+
+
 @db.command("status")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Its data directory.")
+@_DATA_DIR
 def db_status(data_dir: Path | None) -> int:
     """Say whether the embedded PostgreSQL is running."""
     from .connections import embedded_pg
 
-    directory = embedded_pg.data_dir(str(data_dir) if data_dir else None)
+    directory = embedded_pg.data_dir(data_dir)
     pid = embedded_pg.status(directory)
     click.echo(f"running (pid {pid}) in {directory}" if pid else f"not running ({directory})")
     return 0
 
 
 @db.command("stop")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Its data directory.")
+@_DATA_DIR
 def db_stop(data_dir: Path | None) -> int:
     """Stop the embedded PostgreSQL (its data stays; the next run starts it again)."""
     from .connections import embedded_pg
 
-    directory = embedded_pg.data_dir(str(data_dir) if data_dir else None)
+    directory = embedded_pg.data_dir(data_dir)
     stopped = embedded_pg.stop(directory)
     click.echo(f"stopped the embedded PostgreSQL in {directory}" if stopped else f"not running ({directory})")
     return 0

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 
-def data_dir(override: str | None = None) -> Path:
+def data_dir(override: str | Path | None = None) -> Path:
     if override:
         return Path(override).expanduser()
     if os.environ.get("FLOWRUNNER_DATA_DIR"):

