@@ -42,7 +42,7 @@ def flowish() -> st.SearchStrategy[dict]:
     )
 
 
-def outcome(text: str) -> None:
+def assert_flow_or_flow_error(text: str) -> None:
     try:
         assert isinstance(load_flow_text(text, "fuzz.yaml"), Flow)
     except FlowError as e:
@@ -56,19 +56,19 @@ SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[Heal
 @SETTINGS
 @given(st.text(max_size=300))
 def test_arbitrary_text(text: str) -> None:
-    outcome(text)
+    assert_flow_or_flow_error(text)
 
 
 @SETTINGS
 @given(documents)
 def test_arbitrary_yaml_documents(doc: object) -> None:
-    outcome(yaml.safe_dump(doc, allow_unicode=True))
+    assert_flow_or_flow_error(yaml.safe_dump(doc, allow_unicode=True))
 
 
 @SETTINGS
 @given(flowish())
 def test_flow_shaped_documents(doc: dict) -> None:
-    outcome(yaml.safe_dump(doc, allow_unicode=True, sort_keys=False))
+    assert_flow_or_flow_error(yaml.safe_dump(doc, allow_unicode=True, sort_keys=False))
 
 
 @SETTINGS
@@ -76,4 +76,4 @@ def test_flow_shaped_documents(doc: dict) -> None:
                                  "    values: {a: ${x}}\n", "&a ", "*a", "[", "]", "{", "}", ": ", "- ", "\t", "'",
                                  '"', "!!python/object ", "<<: *a\n", "---\n", "\n", "  ", "${", "#"]), max_size=25))
 def test_yaml_fragments(parts: list[str]) -> None:
-    outcome("".join(parts))
+    assert_flow_or_flow_error("".join(parts))
