@@ -189,7 +189,8 @@ steps:
     assert out.stdout == "a\n"  # retrying would have printed "a" twice
 
 
-def test_ctrl_c_stops_cleanly_with_130(write_flow, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig, code, said", [(signal.SIGINT, 130, "Interrupted."), (signal.SIGTERM, 143, "Terminated.")])
+def test_ctrl_c_and_sigterm_stop_cleanly(write_flow, tmp_path: Path, sig: int, code: int, said: str) -> None:
     flow = write_flow("version: 1\nname: slow\nsteps:\n  - {id: s, type: test_type, words: [a, b, c, d], delay: 0.5}\n")
     env = {**os.environ, "FLOWRUNNER_PLUGINS": PLUGINS, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "flowrunner", "run", str(flow), "--sink",
@@ -200,10 +201,10 @@ def test_ctrl_c_stops_cleanly_with_130(write_flow, tmp_path: Path) -> None:
         if (tmp_path / "ev.jsonl").exists() and "step_started" in (tmp_path / "ev.jsonl").read_text():
             break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=20)
-    assert proc.returncode == 130, stderr
-    assert "Interrupted." in stderr and "Traceback" not in stderr
+    assert proc.returncode == code, stderr
+    assert said in stderr and "Traceback" not in stderr
     last = events((tmp_path / "ev.jsonl").read_text())[-1]
     assert last == {"event": "run_finished", "status": "interrupted"}
 
