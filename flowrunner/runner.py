@@ -17,7 +17,6 @@ from .refs import to_text
 from .sinks import Sink, open_sink
 
 
-
 def _stdout_to_devnull() -> None:
     """Point stdout at /dev/null, so flushing what is left at exit does not fail a second time."""
     import os

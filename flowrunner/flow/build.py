@@ -54,6 +54,9 @@ class _Builder:
         inputs = self._inputs()
         connections = {**self._connections(), **self.extra}
         steps = self._steps(inputs, connections)
+        # Which step sets each variable: for "set later" errors in steps, and for the outputs.
+        self.setter = {var: s.id for s in steps or () for var in STEP_TYPES[s.type].bindings(s)}
+        self._check_references(steps or [], inputs, connections)
         outputs = self._outputs(inputs, steps)
         name = self.data.get("name")
         if self.problems or not isinstance(name, str) or steps is None:
@@ -148,12 +151,11 @@ class _Builder:
                 retry=_retry(item.get("retry")), run_on_failure=item.get("run_on_failure") is True,
                 location=self.smap.location(path),
             ))
-        self._check_references(specs, inputs, connections)
         return specs
 
     def _check_references(self, specs: list[StepSpec], inputs: dict[str, InputSpec],
                           connections: dict[str, ConnectionSpec]) -> None:
-        setter = {var: s.id for s in specs for var in STEP_TYPES[s.type].bindings(s)}
+        setter = self.setter
         bound: dict[str, str] = {}
         earlier: dict[str, StepSpec] = {}
         for spec in specs:
@@ -228,11 +230,9 @@ class _Builder:
         if not isinstance(raw, dict):
             return {}
         compiled = self._compile(raw, ("outputs",))
-        specs = steps or []
-        bound = {var: s.id for s in specs for var in STEP_TYPES[s.type].bindings(s)}
-        earlier = {s.id: s for s in specs}
+        earlier = {s.id: s for s in steps or ()}
         for path, ref in _refs_in(compiled, ("outputs",)):
-            self._check_ref(ref, path, None, inputs, bound, earlier, bound)
+            self._check_ref(ref, path, None, inputs, self.setter, earlier, self.setter)
         return compiled
 
 

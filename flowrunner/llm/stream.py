@@ -72,11 +72,14 @@ class StreamState:
             out.append(call)
         return out
 
-    def outputs(self, *, partial: bool) -> dict[str, Any]:
-        try:
-            calls = self.parsed_tool_calls()
-        except StreamError:
-            calls = [dict(c) for _, c in sorted(self.tool_calls.items())]  # keep the raw text of a broken call
+    def outputs(self, *, partial: bool, tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """`tool_calls`: already parsed ones, so a finished stream parses its arguments once."""
+        calls = tool_calls
+        if calls is None:
+            try:
+                calls = self.parsed_tool_calls()
+            except StreamError:
+                calls = [dict(c) for _, c in sorted(self.tool_calls.items())]  # keep a broken call's raw text
         return {
             "text": self.text,
             "finish_reason": self.finish_reason,

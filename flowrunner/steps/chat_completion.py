@@ -125,12 +125,12 @@ class ChatCompletionStep(Step):
         if state.finish_reason == "length":
             yield Warning(ctx.step_id, "the answer was cut off at max_completion_tokens (finish_reason: length)")
         try:
-            state.parsed_tool_calls()
+            calls = state.parsed_tool_calls()
         except StreamError as e:
             raise StepFailed(e.message, outputs=state.outputs(partial=True)) from None
         if state.usage:
             yield Usage(ctx.step_id, state.usage)
-        yield Outputs(state.outputs(partial=False))
+        yield Outputs(state.outputs(partial=False, tool_calls=calls))
 
     async def _stream(self, llm: LLMClient, request: dict[str, Any], state: Any, step_id: str) -> AsyncIterator[Event]:
         from ..llm.errors import api_error

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import Problem, StepFailed
 from ..vector import embeddings
-from ..vector.table import METRICS, SCHEMA_FRAGMENT
+from ..vector.table import METRICS, SCHEMA_FRAGMENT, VectorTable, check_dimensions, explain_db_error
 from .base import Outputs, Step, ref_or
 
 if TYPE_CHECKING:
@@ -70,7 +70,6 @@ class VectorSearchStep(Step):
         return problems
 
     async def run(self, ctx: StepContext) -> AsyncIterator[Event | Outputs]:
-        from ..vector.table import VectorTable, check_dimensions, explain_db_error
 
         p = ctx.props
         vt = VectorTable.from_props(p)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from ..errors import Problem, StepFailed
 from ..vector import embeddings
 from ..vector.chunking import chunk_text
-from ..vector.table import METRICS, SCHEMA_FRAGMENT
+from ..vector.table import METRICS, SCHEMA_FRAGMENT, VectorTable, explain_db_error
 from .base import Outputs, Step, ref_or
 
 if TYPE_CHECKING:
@@ -66,7 +66,6 @@ class VectorUpsertStep(Step):
 
     async def run(self, ctx: StepContext) -> AsyncIterator[Event | Outputs]:
         from ..events import Progress
-        from ..vector.table import VectorTable, explain_db_error
 
         p = ctx.props
         vt = VectorTable.from_props(p)
