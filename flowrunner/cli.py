@@ -88,7 +88,18 @@ def steps(type_name: str | None) -> int:
 
 @cli.group()
 def db() -> None:
-    """The embedded PostgreSQL (used by postgres connections without a dsn)."""
+    """Databases: the history tables, and the embedded PostgreSQL (postgres connections without a dsn)."""
+
+
+@db.command("init")
+@click.argument("flow", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--connections", "connections_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Connections from a separate YAML file (they override the flow's own).")
+def db_init(flow: Path, connections_file: Path | None) -> int:
+    """Create the chat-history tables FLOW's history steps use (safe to repeat)."""
+    from .history.init import init_tables
+
+    return init_tables(flow, connections_file)
 
 
 _DATA_DIR = click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),

@@ -26,7 +26,8 @@ def _type_of(schema: dict[str, Any]) -> str:
         return " | ".join(map(str, schema["enum"]))
     if "const" in schema:
         return str(schema["const"])
-    return str(schema.get("type", "any"))
+    kind = schema.get("type", "any")
+    return " or ".join(kind) if isinstance(kind, list) else str(kind)
 
 
 def describe_step(type_name: str) -> str:
@@ -37,7 +38,8 @@ def describe_step(type_name: str) -> str:
     frag = cls.schema()
     lines = [f"{type_name}: {cls.summary}", ""]
     if cls.connection_types:
-        lines.append(f"connection: {' or '.join(cls.connection_types)} (required)")
+        need = "required" if "connection" in cls.required else f"optional; {cls.connection_default}"
+        lines.append(f"connection: {' or '.join(cls.connection_types)} ({need})")
         lines.append("")
     lines.append("properties:")
     for name, schema in frag["properties"].items():

@@ -182,6 +182,7 @@ class Run:
         from .flow.schema import runtime_problems
 
         scope = self.scope()
+        scope.missing_is_null = bool(self.errors)  # only run_on_failure steps run after a failure
         props = refs.resolve(dict(spec.props), scope)
         templated = [k for k, v in spec.props.items() if isinstance(v, refs.Template)]
         if templated:

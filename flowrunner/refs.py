@@ -147,6 +147,9 @@ class Scope:
     variables: Mapping[str, Any]
     steps: Mapping[str, Mapping[str, Any]]
     env: Mapping[str, str] | None = None
+    # After a failed step, a run_on_failure step may refer to what the failed step never produced:
+    # such a missing name reads as null (the save step then stores what there is), never as an error.
+    missing_is_null: bool = False
 
     def lookup(self, ref: Ref) -> Any:
         kind = ref.kind
@@ -169,6 +172,8 @@ class Scope:
                 if not isinstance(value, Mapping):
                     raise RefValueError(f"{ref.text}: {seen} is {kind_of(value)}, it has no '{part}'")
                 if part not in value:
+                    if self.missing_is_null:
+                        return None
                     raise RefValueError(f"{ref.text}: {seen or 'the run'} has no '{part}'")
                 value = value[part]
                 seen = f"{seen}.{part}" if seen else part

@@ -23,6 +23,7 @@ class ResolvedConnection:
     type: str
     config: Mapping[str, Any]
     missing_env: Mapping[str, str] = field(default_factory=dict)  # field -> env var that was not set
+    base_dir: str = "."  # the directory of the file that declared it: relative paths start there
 
     def require(self, key: str, what: str | None = None) -> Any:
         """A config value the opener cannot do without, or an error that says how to provide it."""
@@ -61,7 +62,8 @@ def resolve_connection(spec: ConnectionSpec, env: Mapping[str, str]) -> Resolved
         config[key] = value
         # Secret fields whole; and any password inside any field (a URL's user:password@).
         secrets.register(value, whole=key in ctype.secrets)
-    return ResolvedConnection(spec.name, spec.type, config, missing)
+    base = os.path.dirname(spec.source.file) if spec.source and not spec.source.file.startswith("<") else "."
+    return ResolvedConnection(spec.name, spec.type, config, missing, base or ".")
 
 
 class Connections:
@@ -90,11 +92,19 @@ class Connections:
                 try:
                     self._opened[name] = await self._open(self.resolved[name])
                 except FlowDefinitionError as e:  # point at the connection's line in its file
-                    source = self.flow.connections[name].source or self.flow.source
+                    spec = self.flow.connections.get(name)
+                    source = (spec.source if spec else None) or self.flow.source
                     raise FlowDefinitionError([
                         replace(p, location=p.location or source.location(tuple(p.path.split("."))))
                         for p in e.problems]) from None
         return self._opened[name]
+
+    async def default_history(self) -> Any:
+        """The embedded SQLite history store, for history steps that name no connection."""
+        name = "(embedded history)"
+        if name not in self.resolved:
+            self.resolved[name] = ResolvedConnection(name, "sqlite", {})
+        return await self.get(name)
 
     async def _open(self, conn: ResolvedConnection) -> Any:
         opener = CONNECTION_TYPES[conn.type].opener

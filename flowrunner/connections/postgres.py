@@ -16,13 +16,22 @@ DEFAULT_POOL_SIZE = 10
 DEFAULT_TIMEOUT = 30.0
 
 
-@dataclass(frozen=True)
+@dataclass
 class PostgresDB:
     name: str
     pool: Any  # asyncpg.Pool
     where: str  # for messages: host/db or "the embedded PostgreSQL", never a password
     embedded: bool
     dims_cache: dict[tuple[str, str], int] = field(default_factory=dict)  # (table, column) -> vector width
+    _history: Any = None
+
+    def history(self) -> Any:
+        """The chat-history store on this pool (history_load / history_save)."""
+        if self._history is None:
+            from ..history.store import AsyncpgStore
+
+            self._history = AsyncpgStore(self)
+        return self._history
 
     async def enable_vectors(self) -> None:
         """CREATE EXTENSION vector, then renew the pool's connections so each registers the codec."""

@@ -71,17 +71,21 @@ CONNECTION_TYPES: dict[str, ConnectionType] = {
             "sqlserver",
             "SQL Server through pyodbc",
             {
-                "odbc": {"type": "string", "description": "secret: an ODBC connection string"},
-                "pool_size": {"type": "integer", "minimum": 1},
-                "timeout": _SECONDS,
+                "odbc": {"type": "string", "description": "secret: an ODBC connection string, e.g. "
+                         "DRIVER={ODBC Driver 18 for SQL Server};SERVER=host;DATABASE=db;UID=u;PWD=p"},
+                "pool_size": {"type": "integer", "minimum": 1, "description": "worker threads and connections (4)"},
+                "timeout": {**_SECONDS, "description": "seconds for login and for each statement (30)"},
             },
             secrets=("odbc",),
             required=("odbc",),
+            opener="flowrunner.connections.sqlserver:open_sqlserver",
         ),
         ConnectionType(
             "sqlite",
             "an SQLite file (the embedded history default)",
-            {"path": {"type": "string"}, "timeout": _SECONDS},
+            {"path": {"type": "string", "description": "the database file; relative to the flow file's directory"},
+             "timeout": {**_SECONDS, "description": "seconds to wait for a lock held by another writer"}},
+            opener="flowrunner.connections.sqlite:open_sqlite",
         ),
     )
 }

@@ -11,6 +11,8 @@ import os
 from ..errors import FlowDefinitionError
 from .base import Step
 from .chat_completion import ChatCompletionStep
+from .history_load import HistoryLoadStep
+from .history_save import HistorySaveStep
 from .set import SetStep
 from .vector_search import VectorSearchStep
 from .vector_upsert import VectorUpsertStep
@@ -27,7 +29,7 @@ def register(cls: type[Step]) -> type[Step]:
     return cls
 
 
-for _cls in (SetStep, ChatCompletionStep, VectorSearchStep, VectorUpsertStep):
+for _cls in (SetStep, ChatCompletionStep, VectorSearchStep, VectorUpsertStep, HistoryLoadStep, HistorySaveStep):
     STEP_TYPES[_cls.type_name] = _cls
 
 

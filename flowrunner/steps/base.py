@@ -39,6 +39,7 @@ class Step(ABC):
     result_default: ClassVar[str | None] = None  # variable bound by `result:`; None: no result
     result_output: ClassVar[str] = "text"  # which output the result variable gets
     connection_types: ClassVar[tuple[str, ...]] = ()  # what `connection:` may name
+    connection_default: ClassVar[str] = ""  # what a step that may omit `connection:` uses then
     example: ClassVar[str] = ""
 
     def __init__(self, spec: StepSpec) -> None:

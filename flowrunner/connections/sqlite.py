@@ -1,0 +1,69 @@
+"""`sqlite` connections: a history database file through the stdlib sqlite3 driver, on worker threads.
+Without `path`, the embedded default: history.sqlite3 in the user's data directory (or
+$FLOWRUNNER_DATA_DIR). A relative path starts at the directory of the file that declares it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+from ..errors import FlowRuntimeError, Problem
+from ..history.sql import SQLITE
+from ..history.store import ThreadedStore
+from .pool import ResolvedConnection
+
+DEFAULT_TIMEOUT = 30.0
+POOL_SIZE = 4  # WAL: readers run side by side; writers take turns (BEGIN IMMEDIATE)
+
+
+def default_path() -> Path:
+    if os.environ.get("FLOWRUNNER_DATA_DIR"):
+        return Path(os.environ["FLOWRUNNER_DATA_DIR"]).expanduser() / "history.sqlite3"
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("flowrunner")) / "history.sqlite3"
+
+
+def _missing_table(e: Exception) -> bool:
+    return "no such table" in str(e)
+
+
+async def open_sqlite(conn: ResolvedConnection, stack: AsyncExitStack) -> ThreadedStore:
+    import sqlite3
+
+    if conn.config.get("path"):
+        path = Path(conn.config["path"]).expanduser()
+        if not path.is_absolute():
+            path = Path(conn.base_dir) / path
+    else:
+        conn.require("path") if "path" in conn.missing_env else None  # ${env.X} unset: say so
+        path = default_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+    timeout = float(conn.config.get("timeout") or DEFAULT_TIMEOUT)
+
+    def connect() -> Any:
+        db = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")  # also reads the header: "file is not a database" here
+            db.execute("PRAGMA synchronous=NORMAL")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    try:
+        first = await asyncio.to_thread(connect)
+    except sqlite3.Error as e:
+        raise FlowRuntimeError(Problem(f"cannot open the SQLite history database {path}: {e}",
+                                       path=f"connections.{conn.name}",
+                                       hint="check that the directory exists and is writable, and that the file "
+                                            "is an SQLite database")) from None
+    store = ThreadedStore(connect, SQLITE, f"the SQLite database {path}", POOL_SIZE,
+                          is_missing_table=_missing_table, is_broken=lambda e: False, begin="BEGIN IMMEDIATE",
+                          describe=str)
+    store.adopt(first)
+    stack.push_async_callback(store.close)
+    return store

@@ -1,0 +1,52 @@
+"""What history_load and history_save share: their common properties, and finding the store."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..errors import StepFailed
+from .sql import DEFAULT_TABLE, MAX_CONVERSATION_ID, TABLE_PATTERN
+
+if TYPE_CHECKING:  # store.py imports asyncio: loaded only when a step runs, never by `validate`
+    from ..engine import StepContext
+    from .store import HistoryStore
+
+CONNECTION_TYPES = ("sqlserver", "postgres", "sqlite")
+PROPERTIES: dict[str, dict[str, Any]] = {
+    "conversation_id": {"type": "string", "minLength": 1, "maxLength": MAX_CONVERSATION_ID,
+                        "description": "the conversation (up to 256 characters)"},
+    "table": {"type": "string", "pattern": TABLE_PATTERN, "default": DEFAULT_TABLE,
+              "description": "the history table, optionally schema.table"},
+    "create": {"type": "boolean", "default": False,
+               "description": "create the table (and its index) when it is missing"},
+}
+NO_CONNECTION = "without `connection:`, the embedded SQLite history file in the user's data directory"
+
+
+async def open_store(ctx: StepContext) -> tuple[HistoryStore, str]:
+    """The step's store and table, created first when the step says `create: true`."""
+    from .store import HistoryStore
+
+    if ctx.props.get("connection"):
+        conn = await ctx.connection()
+    else:
+        conn = await ctx.run.connections.default_history()
+    store: HistoryStore = conn if isinstance(conn, HistoryStore) else conn.history()
+    table = ctx.props.get("table") or DEFAULT_TABLE
+    if ctx.props.get("create"):
+        await store.ensure_table(table)
+    return store, table
+
+
+def missing_table(table: str, store: HistoryStore) -> StepFailed:
+    return StepFailed(f"the history table {table} does not exist in {store.where}",
+                      hint="add `create: true` to the step, or run `flowrunner db init FLOW` once")
+
+
+async def guarded(coro: Any, table: str, store: HistoryStore) -> Any:
+    from .store import TableMissing
+
+    try:
+        return await coro
+    except TableMissing:
+        raise missing_table(table, store) from None

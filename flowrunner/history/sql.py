@@ -1,0 +1,135 @@
+"""The chat-history table, one layout for every backend, and the SQL each dialect speaks to it.
+
+    seq              the ordering key: an identity column, so rows of a conversation read back in
+                     the order they were saved (a save holds a per-conversation lock, so the two
+                     messages of one turn are always adjacent)
+    message_id       a stable id (unique): saving the same message again updates it in place
+    conversation_id  up to 256 characters; indexed together with seq
+    role             user | assistant | system | tool
+    content          the text, unlimited (NVARCHAR(MAX) / TEXT)
+    status           complete | partial (a partial answer: the stream broke or the model failed)
+    run_id           the flowrunner run that saved it
+    metadata         JSON text (jsonb on PostgreSQL)
+    created_at       UTC, set by the database
+
+Table names come from YAML: validated against a strict pattern, then quoted. Values are always bound
+as parameters."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..errors import StepFailed
+
+DEFAULT_TABLE = "chat_history"
+MAX_CONVERSATION_ID = 256
+NAME = r"[A-Za-z_][A-Za-z0-9_]{0,62}"
+TABLE_PATTERN = rf"^{NAME}(\.{NAME})?$"
+_TABLE = re.compile(TABLE_PATTERN)
+
+# Bound in this order by every dialect's upsert.
+UPSERT_COLUMNS = ("message_id", "conversation_id", "role", "content", "status", "run_id", "metadata")
+
+
+def table_parts(table: object) -> list[str]:
+    if not isinstance(table, str) or not _TABLE.match(table):
+        raise StepFailed(f"table {table!r} is not a valid name",
+                         hint="use letters, digits and '_' (schema.table allowed)")
+    return table.split(".")
+
+
+@dataclass(frozen=True)
+class Dialect:
+    name: str
+    open_quote: str
+    close_quote: str
+    placeholder: str  # "?" for DB-API drivers, "$" for asyncpg ($1, $2, ...)
+
+    def quote(self, table: str) -> str:
+        return ".".join(f"{self.open_quote}{part}{self.close_quote}" for part in table_parts(table))
+
+    def _params(self, n: int, start: int = 1) -> list[str]:
+        if self.placeholder == "$":
+            return [f"${i}" for i in range(start, start + n)]
+        return ["?"] * n
+
+    def _index_name(self, table: str) -> str:
+        return f"{self.open_quote}ix_{table_parts(table)[-1][:48]}_conversation{self.close_quote}"
+
+    def create_statements(self, table: str) -> list[str]:
+        """Idempotent DDL: safe to run when the table (or its index) is already there."""
+        t, ix = self.quote(table), self._index_name(table)
+        q = lambda c: f"{self.open_quote}{c}{self.close_quote}"  # noqa: E731
+        if self.name == "tsql":
+            columns = (f"{q('seq')} BIGINT IDENTITY(1, 1) NOT NULL PRIMARY KEY, "
+                       f"{q('message_id')} NVARCHAR(64) NOT NULL UNIQUE, "
+                       f"{q('conversation_id')} NVARCHAR({MAX_CONVERSATION_ID}) NOT NULL, "
+                       f"{q('role')} NVARCHAR(32) NOT NULL, {q('content')} NVARCHAR(MAX) NOT NULL, "
+                       f"{q('status')} NVARCHAR(16) NOT NULL DEFAULT 'complete', {q('run_id')} NVARCHAR(64) NULL, "
+                       f"{q('metadata')} NVARCHAR(MAX) NULL, "
+                       f"{q('created_at')} DATETIME2(3) NOT NULL DEFAULT SYSUTCDATETIME()")
+            name = table.replace("'", "")  # validated already; no quote can be in it
+            return [
+                f"IF OBJECT_ID(N'{t}', N'U') IS NULL CREATE TABLE {t} ({columns})",
+                f"IF NOT EXISTS (SELECT 1 FROM sys.indexes WHERE name = N'ix_{table_parts(name)[-1][:48]}_conversation' "
+                f"AND object_id = OBJECT_ID(N'{t}')) CREATE INDEX {ix} ON {t} ({q('conversation_id')}, {q('seq')})",
+            ]
+        if self.name == "postgres":
+            columns = (f"seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, message_id VARCHAR(64) NOT NULL UNIQUE, "
+                       f"conversation_id VARCHAR({MAX_CONVERSATION_ID}) NOT NULL, role VARCHAR(32) NOT NULL, "
+                       f"content TEXT NOT NULL, status VARCHAR(16) NOT NULL DEFAULT 'complete', run_id VARCHAR(64), "
+                       f"metadata JSONB, created_at TIMESTAMPTZ NOT NULL DEFAULT now()")
+        else:  # sqlite: INTEGER PRIMARY KEY is the rowid, ever increasing while rows are only added
+            columns = (f"seq INTEGER PRIMARY KEY, message_id TEXT NOT NULL UNIQUE, conversation_id TEXT NOT NULL, "
+                       f"role TEXT NOT NULL, content TEXT NOT NULL, status TEXT NOT NULL DEFAULT 'complete', "
+                       f"run_id TEXT, metadata TEXT, "
+                       f"created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))")
+        return [f"CREATE TABLE IF NOT EXISTS {t} ({columns})",
+                f"CREATE INDEX IF NOT EXISTS {ix} ON {t} (conversation_id, seq)"]
+
+    def load_sql(self, table: str) -> tuple[str, bool]:
+        """The newest `limit` messages of a conversation, newest first; and whether the limit is bound
+        before the conversation id."""
+        t = self.quote(table)
+        if self.name == "tsql":
+            return (f"SELECT TOP (?) [seq], [role], [content], [status] FROM {t} "
+                    f"WHERE [conversation_id] = ? ORDER BY [seq] DESC"), True
+        a, b = self._params(2)
+        return (f"SELECT seq, role, content, status FROM {t} WHERE conversation_id = {a} "
+                f"ORDER BY seq DESC LIMIT {b}"), False
+
+    def lock_sql(self) -> str | None:
+        """Serializes the saves of one conversation (its key is bound), so one turn's messages get
+        adjacent seq values. SQLite needs none: BEGIN IMMEDIATE already serializes every writer."""
+        if self.name == "tsql":
+            return "EXEC sp_getapplock @Resource = ?, @LockMode = 'Exclusive', @LockOwner = 'Transaction'"
+        if self.name == "postgres":
+            (p,) = self._params(1)
+            return f"SELECT pg_advisory_xact_lock(hashtextextended({p}, 0))"
+        return None
+
+    def upsert_sql(self, table: str) -> str:
+        """Insert one message, or update the one with the same message_id (a repeated save)."""
+        t = self.quote(table)
+        params = self._params(len(UPSERT_COLUMNS))
+        if self.name == "tsql":
+            source = ", ".join(f"? AS [{c}]" for c in UPSERT_COLUMNS)
+            cols = ", ".join(f"[{c}]" for c in UPSERT_COLUMNS)
+            values = ", ".join(f"s.[{c}]" for c in UPSERT_COLUMNS)
+            return (f"MERGE INTO {t} WITH (HOLDLOCK) AS t USING (SELECT {source}) AS s "
+                    f"ON t.[message_id] = s.[message_id] "
+                    f"WHEN MATCHED THEN UPDATE SET [content] = s.[content], [status] = s.[status], "
+                    f"[metadata] = s.[metadata] "
+                    f"WHEN NOT MATCHED THEN INSERT ({cols}) VALUES ({values});")
+        if self.name == "postgres":
+            params[-1] = f"CAST(CAST({params[-1]} AS text) AS jsonb)"  # JSON text, from any driver
+        return (f"INSERT INTO {t} ({', '.join(UPSERT_COLUMNS)}) VALUES ({', '.join(params)}) "
+                f"ON CONFLICT (message_id) DO UPDATE SET content = excluded.content, status = excluded.status, "
+                f"metadata = excluded.metadata")
+
+
+TSQL = Dialect("tsql", "[", "]", "?")
+POSTGRES_ODBC = Dialect("postgres", '"', '"', "?")
+POSTGRES = Dialect("postgres", '"', '"', "$")
+SQLITE = Dialect("sqlite", '"', '"', "?")

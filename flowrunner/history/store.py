@@ -1,0 +1,212 @@
+"""Reading and writing the chat-history table, the same way over three drivers:
+
+- `ThreadedStore`: a blocking DB-API driver (pyodbc for sqlserver, sqlite3 for sqlite) run on its own
+  small pool of worker threads, one driver connection per thread at most, so the event loop never
+  waits on the database;
+- `AsyncpgStore`: the postgres connection's asyncpg pool.
+
+A save is one transaction: the conversation's lock, then one upsert per message."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ..errors import StepFailed
+from ..secrets import redact
+from .sql import Dialect
+
+Row = tuple[Any, ...]  # the UPSERT_COLUMNS of one message
+
+
+class TableMissing(Exception):
+    """The history table does not exist (and the step did not ask to create it)."""
+
+
+class HistoryStore:
+    dialect: Dialect
+    where: str  # for messages; never a password
+
+    def __init__(self) -> None:
+        self._created: set[str] = set()
+
+    async def ensure_table(self, table: str) -> None:
+        if table not in self._created:
+            await self._create(table)
+            self._created.add(table)
+
+    async def _create(self, table: str) -> None:
+        raise NotImplementedError
+
+    async def load(self, table: str, conversation_id: str, limit: int) -> list[Row]:
+        """(seq, role, content, status) of the newest `limit` messages, newest first."""
+        raise NotImplementedError
+
+    async def save(self, table: str, conversation_id: str, rows: Sequence[Row]) -> None:
+        raise NotImplementedError
+
+    def lock_key(self, table: str, conversation_id: str) -> str:
+        import hashlib
+
+        return "flowrunner:" + hashlib.sha1(f"{table}\0{conversation_id}".encode()).hexdigest()
+
+
+class ThreadedStore(HistoryStore):
+    """A DB-API driver on a private pool of `size` threads. Connections are opened on demand (in a
+    worker), kept for reuse, and dropped when the driver says they broke."""
+
+    def __init__(self, connect: Callable[[], Any], dialect: Dialect, where: str, size: int, *,
+                 is_missing_table: Callable[[Exception], bool], is_broken: Callable[[Exception], bool],
+                 describe: Callable[[Exception], str], begin: str | None = None,
+                 prepare: Callable[[Any], None] | None = None) -> None:
+        super().__init__()
+        self.dialect, self.where = dialect, where
+        self._connect = connect
+        self._executor = ThreadPoolExecutor(size, thread_name_prefix="flowrunner-db")
+        self._idle: list[Any] = []
+        self._lock = threading.Lock()
+        self._is_missing_table = is_missing_table
+        self._is_broken = is_broken
+        self._begin = begin  # sqlite: "BEGIN IMMEDIATE"; ODBC drivers start transactions themselves
+        self._prepare = prepare  # called on the cursor before each upsert (pyodbc: setinputsizes)
+        self._describe = describe  # a driver error as one line of text, without secrets
+
+    def adopt(self, conn: Any) -> None:
+        """A connection opened elsewhere (the opener's probe) joins the pool."""
+        with self._lock:
+            self._idle.append(conn)
+
+    async def call(self, work: Callable[[Any], Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._with_connection, work)
+
+    def _with_connection(self, work: Callable[[Any], Any]) -> Any:
+        with self._lock:
+            conn = self._idle.pop() if self._idle else None
+        if conn is None:
+            try:
+                conn = self._connect()
+            except Exception as e:
+                raise StepFailed(f"cannot connect to {self.where}: {self._describe(e)}", retryable=True) from None
+        try:
+            result = work(conn)
+        except Exception as e:
+            try:
+                conn.rollback()
+            except Exception:  # the connection is gone with the transaction
+                self._discard(conn)
+                raise StepFailed(f"{self.where}: {self._describe(e)}", retryable=True) from None
+            broken = self._is_broken(e)
+            self._discard(conn) if broken else self._give_back(conn)
+            if self._is_missing_table(e):
+                raise TableMissing() from e
+            raise StepFailed(f"{self.where}: {self._describe(e)}", retryable=broken) from None
+        self._give_back(conn)
+        return result
+
+    def _give_back(self, conn: Any) -> None:
+        with self._lock:
+            self._idle.append(conn)
+
+    @staticmethod
+    def _discard(conn: Any) -> None:
+        try:
+            conn.close()
+        except Exception:
+            pass
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._executor.shutdown, wait=True)  # a save in flight completes
+        with self._lock:
+            conns, self._idle = self._idle, []
+        for conn in conns:
+            self._discard(conn)
+
+    async def _create(self, table: str) -> None:
+        statements = self.dialect.create_statements(table)
+
+        def work(conn: Any) -> None:
+            cur = conn.cursor()
+            for sql in statements:
+                cur.execute(sql)
+            conn.commit()
+
+        await self.call(work)
+
+    async def load(self, table: str, conversation_id: str, limit: int) -> list[Row]:
+        sql, limit_first = self.dialect.load_sql(table)
+        args = (limit, conversation_id) if limit_first else (conversation_id, limit)
+
+        def work(conn: Any) -> list[Row]:
+            cur = conn.cursor()
+            cur.execute(sql, args)
+            rows = [tuple(r) for r in cur.fetchall()]
+            conn.commit()  # end the read transaction: no snapshot or lock held while idle
+            return rows
+
+        return await self.call(work)
+
+    async def save(self, table: str, conversation_id: str, rows: Sequence[Row]) -> None:
+        upsert, lock = self.dialect.upsert_sql(table), self.dialect.lock_sql()
+        key = self.lock_key(table, conversation_id)
+
+        def work(conn: Any) -> None:
+            cur = conn.cursor()
+            if self._begin:
+                cur.execute(self._begin)
+            if lock:
+                cur.execute(lock, (key,))
+            for row in rows:
+                if self._prepare:
+                    self._prepare(cur)
+                cur.execute(upsert, row)
+            conn.commit()
+
+        await self.call(work)
+
+
+class AsyncpgStore(HistoryStore):
+    def __init__(self, db: Any) -> None:  # a connections.postgres.PostgresDB
+        super().__init__()
+        from .sql import POSTGRES
+
+        self.dialect, self.where, self._pool = POSTGRES, db.where, db.pool
+
+    async def _guard(self, coro: Any) -> Any:
+        import asyncpg
+
+        try:
+            return await coro
+        except asyncpg.UndefinedTableError as e:
+            raise TableMissing() from e
+        except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError) as e:
+            raise StepFailed(f"lost the connection to PostgreSQL at {self.where}: {redact(str(e))}",
+                             retryable=True) from None
+        except asyncpg.PostgresError as e:
+            raise StepFailed(f"{self.where}: {redact(str(e))}") from None
+
+    async def _create(self, table: str) -> None:
+        async def go() -> None:
+            async with self._pool.acquire() as conn, conn.transaction():
+                for sql in self.dialect.create_statements(table):
+                    await conn.execute(sql)
+
+        await self._guard(go())
+
+    async def load(self, table: str, conversation_id: str, limit: int) -> list[Row]:
+        sql, _ = self.dialect.load_sql(table)
+        return [tuple(r) for r in await self._guard(self._pool.fetch(sql, conversation_id, limit))]
+
+    async def save(self, table: str, conversation_id: str, rows: Sequence[Row]) -> None:
+        upsert, lock = self.dialect.upsert_sql(table), self.dialect.lock_sql()
+        key = self.lock_key(table, conversation_id)
+
+        async def go() -> None:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute(lock, key)
+                await conn.executemany(upsert, rows)
+
+        await self._guard(go())

@@ -1,0 +1,61 @@
+"""`history_load`: the newest messages of a conversation, oldest first, ready for a chat step."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..history import access
+from .base import Outputs, Step, ref_or
+
+if TYPE_CHECKING:
+    from ..engine import StepContext
+    from ..events import Event
+
+
+class HistoryLoadStep(Step):
+    type_name = "history_load"
+    summary = "Loads a conversation's last messages (SQL Server, PostgreSQL or SQLite), oldest first."
+    connection_types = access.CONNECTION_TYPES
+    connection_default = access.NO_CONNECTION
+    properties: ClassVar[dict[str, dict[str, Any]]] = {
+        **access.PROPERTIES,
+        "max_messages": ref_or({"type": "integer", "minimum": 1, "maximum": 10000}) | {
+            "default": 20, "description": "at most this many of the newest messages"},
+        "max_tokens": ref_or({"type": "integer", "minimum": 1}) | {
+            "description": "a token budget (tiktoken cl100k_base): the oldest turns are dropped first, a "
+                           "user message and its answer always together"},
+    }
+    required = ("conversation_id",)
+    outputs = {"messages": "[{role, content}] oldest first; [] for a new conversation",
+               "count": "how many messages", "dropped": "messages left out to fit max_tokens",
+               "tokens": "tokens of the kept messages (with max_tokens)"}
+    result_default = "history"
+    result_output = "messages"
+    example = """\
+- id: recall
+  type: history_load
+  connection: history        # sqlserver | postgres | sqlite; omit for the embedded SQLite file
+  conversation_id: ${inputs.conversation_id}
+  max_messages: 20
+  max_tokens: 3000
+  create: true
+"""
+
+    async def run(self, ctx: StepContext) -> AsyncIterator[Event | Outputs]:
+        p = ctx.props
+        store, table = await access.open_store(ctx)
+        rows = await access.guarded(store.load(table, p["conversation_id"], int(p.get("max_messages", 20))),
+                                    table, store)
+        messages = [{"role": role, "content": content} for _seq, role, content, _status in reversed(rows)]
+        outputs: dict[str, Any] = {"dropped": 0}
+        if p.get("max_tokens") is not None:
+            import asyncio
+
+            from ..history.budget import trim
+
+            # In a worker: counting the tokens of long messages must not stall the event loop.
+            kept, outputs["tokens"] = await asyncio.to_thread(trim, messages, int(p["max_tokens"]))
+            outputs["dropped"] = len(messages) - len(kept)
+            messages = kept
+        yield Outputs({"messages": messages, "count": len(messages), **outputs})
