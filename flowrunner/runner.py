@@ -40,7 +40,16 @@ def parse_pairs(pairs: tuple[str, ...]) -> dict[str, str]:
 def load_inputs_file(path: Path) -> dict[str, Any]:
     from .flow.load import parse_yaml, read_text
 
-    data, _ = parse_yaml(read_text(path), str(path))  # JSON is YAML, so one parser reads both
+    text = read_text(path)
+    if path.suffix.lower() == ".json":  # JSON proper: YAML rejects some valid JSON (surrogate-pair escapes)
+        import json
+
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise FlowDefinitionError.at(f"invalid JSON: {e.msg}", Location(str(path), e.lineno, e.colno)) from None
+    else:
+        data, _ = parse_yaml(text, str(path))
     if not isinstance(data, dict):
         raise FlowDefinitionError.at("an inputs file must hold a mapping of input names to values", Location(str(path), 1, 1))
     return data

@@ -12,6 +12,7 @@ PLUGINS = "tests.support.plugin_steps"
 
 from tests.support.fixtures import *  # noqa: F401,F403  (the OpenAI-protocol test server)
 from tests.support.postgres import *  # noqa: F401,F403  (PostgreSQL with pgvector)
+from tests.support.history import *  # noqa: F401,F403  (the three chat-history backends)
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT, plugins: bool = False,

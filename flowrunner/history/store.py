@@ -32,11 +32,17 @@ class HistoryStore:
 
     def __init__(self) -> None:
         self._created: set[str] = set()
+        self._creating: asyncio.Lock | None = None
 
     async def ensure_table(self, table: str) -> None:
-        if table not in self._created:
-            await self._create(table)
-            self._created.add(table)
+        """Runs the DDL once per store (a batch's many runs wait for the first one)."""
+        if table in self._created:
+            return
+        self._creating = self._creating or asyncio.Lock()
+        async with self._creating:
+            if table not in self._created:
+                await self._create(table)
+                self._created.add(table)
 
     async def _create(self, table: str) -> None:
         raise NotImplementedError
@@ -126,10 +132,14 @@ class ThreadedStore(HistoryStore):
             self._discard(conn)
 
     async def _create(self, table: str) -> None:
-        statements = self.dialect.create_statements(table)
+        statements, lock = self.dialect.create_statements(table), self.dialect.lock_sql()
 
         def work(conn: Any) -> None:
             cur = conn.cursor()
+            if self._begin:
+                cur.execute(self._begin)
+            if lock:  # two runs creating the same table at once: one waits, then finds it there
+                cur.execute(lock, (self.lock_key(table, ""),))
             for sql in statements:
                 cur.execute(sql)
             conn.commit()
@@ -191,6 +201,7 @@ class AsyncpgStore(HistoryStore):
     async def _create(self, table: str) -> None:
         async def go() -> None:
             async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute(self.dialect.lock_sql(), self.lock_key(table, ""))
                 for sql in self.dialect.create_statements(table):
                     await conn.execute(sql)
 

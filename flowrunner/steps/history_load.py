@@ -29,7 +29,7 @@ class HistoryLoadStep(Step):
     required = ("conversation_id",)
     outputs = {"messages": "[{role, content}] oldest first; [] for a new conversation",
                "count": "how many messages", "dropped": "messages left out to fit max_tokens",
-               "tokens": "tokens of the kept messages (with max_tokens)"}
+               "tokens": "tokens of the kept messages (null without max_tokens)"}
     result_default = "history"
     result_output = "messages"
     example = """\
@@ -48,7 +48,7 @@ class HistoryLoadStep(Step):
         rows = await access.guarded(store.load(table, p["conversation_id"], int(p.get("max_messages", 20))),
                                     table, store)
         messages = [{"role": role, "content": content} for _seq, role, content, _status in reversed(rows)]
-        outputs: dict[str, Any] = {"dropped": 0}
+        outputs: dict[str, Any] = {"dropped": 0, "tokens": None}
         if p.get("max_tokens") is not None:
             import asyncio
 
