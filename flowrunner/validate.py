@@ -36,7 +36,10 @@ def validate_paths(paths: tuple[Path, ...], fmt: str, connections_file: Path | N
     results: list[tuple[Path, tuple[Problem, ...]]] = []
     for file in files:
         try:
-            load_flow(file, extra)
+            if _is_connections_file(file):  # kept beside the flows, for --connections
+                load_connections_file(file)
+            else:
+                load_flow(file, extra)
             results.append((file, ()))
         except FlowError as e:
             results.append((file, e.problems))
@@ -55,6 +58,18 @@ def validate_paths(paths: tuple[Path, ...], fmt: str, connections_file: Path | N
                    f"{len(bad)} of {len(results)} file(s) invalid, {count} problem(s)")
         click.echo(summary, err=True)
     return 1 if bad else 0
+
+
+def _is_connections_file(file: Path) -> bool:
+    """A file with a top-level `connections:` and no `steps:` is a connections file, not a flow."""
+    import re
+
+    try:
+        text = file.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    keys = set(re.findall(r"^([A-Za-z_]+)\s*:", text, re.MULTILINE))
+    return "connections" in keys and not keys & {"steps", "version", "name"}
 
 
 def _escape(text: str, *, prop: bool = False) -> str:

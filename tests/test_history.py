@@ -319,3 +319,33 @@ def test_a_chat_that_fails_before_any_text_still_saves_the_question(backend, llm
                   env={**backend.env, "TEST_OPENAI_BASE_URL": llm.base_url})
     assert out.returncode == 1, out.stderr
     assert [(r[1], r[2], r[3]) for r in backend.rows()] == [("user", "Anyone there?", "partial")]
+
+
+@pytest.mark.parametrize("store", ["sqlite", "sqlserver"])
+def test_rag_chat_remembers_the_conversation(store, pg, llm) -> None:
+    """Three turns of the shipped seed example with one conversation id: the third request carries the
+    first two turns as history, between the system prompt and the question with its passages.
+    `sqlserver`: the same flow with flows/connections/sqlserver.yaml, through pyodbc + psqlODBC."""
+    # FLOWRUNNER_DATA_DIR of pg.env: the flow's embedded docs database is the test server, and its
+    # embedded SQLite history file sits beside it (removed first: the server outlives this test).
+    env = {**pg.env, "OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": llm.base_url, "HISTORY_ODBC": odbc_string(pg)}
+    pg.execute("DROP TABLE IF EXISTS chat_history")
+    (pg.root / "history.sqlite3").unlink(missing_ok=True)
+    extra = ["--connections", "flows/connections/sqlserver.yaml"] if store == "sqlserver" else []
+    assert run_cli("run", "flows/ingest_docs.yaml", env=env).returncode == 0
+    questions = ["What does pgvector add to PostgreSQL?", "Which index types does it have?",
+                 "and what about the second one?"]
+    answers = ["It adds a vector type and similarity search.", "HNSW and IVFFlat.", "IVFFlat clusters vectors."]
+    llm.script(*(Reply(text=a) for a in answers))
+    for q in questions:
+        out = run_cli("run", "flows/rag_chat.yaml", "-i", f"question={q}", "-i", "conversation_id=seed",
+                      *extra, env=env)
+        assert out.returncode == 0, out.stderr
+    sent = llm.chat_requests[-1].json["messages"]
+    assert sent[0]["role"] == "system"
+    assert sent[1:5] == [{"role": "user", "content": questions[0]}, {"role": "assistant", "content": answers[0]},
+                         {"role": "user", "content": questions[1]}, {"role": "assistant", "content": answers[1]}]
+    assert sent[5]["role"] == "user" and sent[5]["content"].rstrip().endswith("Question: " + questions[2])
+    assert "(source: ../docs/" in sent[5]["content"]  # the retrieved passages as context
+    if store == "sqlserver":
+        assert len(pg.execute("SELECT * FROM chat_history WHERE conversation_id = 'seed'")) == 6
