@@ -7,7 +7,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TORCH  ?= 2.13.0
 
-.PHONY: install demo test bench schema clean
+SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
+
+.PHONY: install system demo test bench schema clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +27,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/flowrunner run flows/hello.yaml -i name=flowrunner
 
-test: $(STAMP)
+# The ODBC driver manager and psqlODBC: the sqlserver connection's pyodbc code path runs for real
+# against the test PostgreSQL through them (no SQL Server can run here).
+system:
+	@odbcinst -q -d 2>/dev/null | grep -q 'PostgreSQL Unicode' || { \
+	  $(SUDO) apt-get update -q && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q unixodbc odbc-postgresql; }
+
+test: system $(STAMP)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

@@ -25,15 +25,11 @@ NO_CONNECTION = "without `connection:`, the embedded SQLite history file in the 
 
 async def open_store(ctx: StepContext) -> tuple[HistoryStore, str]:
     """The step's store and table, created first when the step says `create: true`."""
-    from .store import HistoryStore
-
-    if ctx.props.get("connection"):
-        conn = await ctx.connection()
-    else:
-        conn = await ctx.run.connections.default_history()
-    store: HistoryStore = conn if isinstance(conn, HistoryStore) else conn.history()
-    table = ctx.props.get("table") or DEFAULT_TABLE
-    if ctx.props.get("create"):
+    p = ctx.props
+    conn = await (ctx.connection() if p.get("connection") else ctx.run.connections.default_history())
+    store: HistoryStore = conn.history() if hasattr(conn, "history") else conn  # postgres: its pool's store
+    table = p.get("table") or DEFAULT_TABLE
+    if p.get("create"):
         await store.ensure_table(table)
     return store, table
 
@@ -44,9 +40,11 @@ def missing_table(table: str, store: HistoryStore) -> StepFailed:
 
 
 async def guarded(coro: Any, table: str, store: HistoryStore) -> Any:
-    from .store import TableMissing
-
     try:
         return await coro
-    except TableMissing:
-        raise missing_table(table, store) from None
+    except Exception as e:
+        from .store import TableMissing
+
+        if isinstance(e, TableMissing):
+            raise missing_table(table, store) from None
+        raise

@@ -12,14 +12,13 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..errors import StepFailed
 from ..secrets import redact
 from .sql import Dialect
 
-Row = tuple[Any, ...]  # the UPSERT_COLUMNS of one message
+Row = Sequence[Any]  # a message: the UPSERT_COLUMNS to save, or (seq, role, content, status) loaded
 
 
 class TableMissing(Exception):
@@ -48,7 +47,8 @@ class HistoryStore:
         raise NotImplementedError
 
     async def load(self, table: str, conversation_id: str, limit: int) -> list[Row]:
-        """(seq, role, content, status) of the newest `limit` messages, newest first."""
+        """(seq, role, content, status) rows (the driver's own row objects) of the newest `limit`
+        messages, newest first."""
         raise NotImplementedError
 
     async def save(self, table: str, conversation_id: str, rows: Sequence[Row]) -> None:
@@ -71,7 +71,9 @@ class ThreadedStore(HistoryStore):
         super().__init__()
         self.dialect, self.where = dialect, where
         self._connect = connect
-        self._executor = ThreadPoolExecutor(size, thread_name_prefix="flowrunner-db")
+        from .workers import Workers
+
+        self._workers = Workers(size, "flowrunner-db")
         self._idle: list[Any] = []
         self._lock = threading.Lock()
         self._is_missing_table = is_missing_table
@@ -86,8 +88,7 @@ class ThreadedStore(HistoryStore):
             self._idle.append(conn)
 
     async def call(self, work: Callable[[Any], Any]) -> Any:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._with_connection, work)
+        return await self._workers.run(lambda: self._with_connection(work))
 
     def _with_connection(self, work: Callable[[Any], Any]) -> Any:
         with self._lock:
@@ -125,7 +126,7 @@ class ThreadedStore(HistoryStore):
             pass
 
     async def close(self) -> None:
-        await asyncio.to_thread(self._executor.shutdown, wait=True)  # a save in flight completes
+        await asyncio.to_thread(self._workers.shutdown)  # a save in flight completes
         with self._lock:
             conns, self._idle = self._idle, []
         for conn in conns:
@@ -153,7 +154,7 @@ class ThreadedStore(HistoryStore):
         def work(conn: Any) -> list[Row]:
             cur = conn.cursor()
             cur.execute(sql, args)
-            rows = [tuple(r) for r in cur.fetchall()]
+            rows = cur.fetchall()
             conn.commit()  # end the read transaction: no snapshot or lock held while idle
             return rows
 
@@ -209,7 +210,7 @@ class AsyncpgStore(HistoryStore):
 
     async def load(self, table: str, conversation_id: str, limit: int) -> list[Row]:
         sql, _ = self.dialect.load_sql(table)
-        return [tuple(r) for r in await self._guard(self._pool.fetch(sql, conversation_id, limit))]
+        return await self._guard(self._pool.fetch(sql, conversation_id, limit))
 
     async def save(self, table: str, conversation_id: str, rows: Sequence[Row]) -> None:
         upsert, lock = self.dialect.upsert_sql(table), self.dialect.lock_sql()
