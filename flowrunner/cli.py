@@ -45,13 +45,21 @@ def cli(ctx: click.Context, debug: bool, log_format: str | None, verbose: bool, 
               help="stdout (default), none, jsonl:PATH, jsonl:- or file:PATH.")
 @click.option("--output", "output_format", type=click.Choice(["text", "json"]), default="text",
               help="json: print the flow's outputs as one JSON object at the end.")
+@click.option("--dry-run", is_flag=True,
+              help="Run every step but the chat model call; print the exact request each chat step would send.")
+@click.option("--record", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Save the model's streamed replies (and embeddings) to FILE, for --replay.")
+@click.option("--replay", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Play the replies recorded in FILE instead of calling the model (offline, deterministic).")
 @click.pass_obj
 def run(obj: dict[str, Any], flow: Path, pairs: tuple[str, ...], inputs_file: Path | None,
-        connections_file: Path | None, sink: str | None, output_format: str) -> int:
+        connections_file: Path | None, sink: str | None, output_format: str, dry_run: bool,
+        record: Path | None, replay: Path | None) -> int:
     """Run FLOW once; the streamed text goes to stdout as it arrives, logs to stderr."""
-    from .runner import run_once
+    from .runner import llm_mode, run_once
 
-    return run_once(flow, pairs, inputs_file, connections_file, sink, output_format, obj)
+    mode = llm_mode(dry_run, record, replay)
+    return run_once(flow, pairs, inputs_file, connections_file, sink, output_format, obj, mode)
 
 
 @cli.command()

@@ -58,7 +58,7 @@ class StepContext:
 
 class Run:
     def __init__(self, flow: Flow, inputs: Mapping[str, Any], *, connections: Connections | None = None,
-                 run_id: str | None = None, env: Mapping[str, str] | None = None) -> None:
+                 run_id: str | None = None, env: Mapping[str, str] | None = None, llm_mode: Any = None) -> None:
         self.flow = flow
         self.inputs = dict(inputs)
         self.run_id = run_id or uuid.uuid4().hex[:12]
@@ -69,6 +69,7 @@ class Run:
         self.status = "pending"
         self.outputs: dict[str, Any] = {}
         self.errors: list[FlowError] = []
+        self.llm_mode = llm_mode  # None (live), "dry-run", or a flowrunner.llm.replay Recorder / Replayer
 
     @property
     def error(self) -> FlowError | None:

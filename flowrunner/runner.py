@@ -55,8 +55,21 @@ def load_inputs_file(path: Path) -> dict[str, Any]:
     return data
 
 
+def llm_mode(dry_run: bool, record: Path | None, replay: Path | None) -> Any:
+    """None (call the model), "dry-run", or a Recorder / Replayer."""
+    if sum((dry_run, record is not None, replay is not None)) > 1:
+        raise FlowDefinitionError.at("--dry-run, --record and --replay exclude each other: choose one")
+    if dry_run:
+        return "dry-run"
+    if record or replay:
+        from .llm.replay import Recorder, Replayer
+
+        return Recorder(record) if record else Replayer(replay)  # type: ignore[arg-type]
+    return None
+
+
 def run_once(flow_path: Path, pairs: tuple[str, ...], inputs_file: Path | None, connections_file: Path | None,
-             sink_spec: str | None, output_format: str, obj: dict[str, Any]) -> int:
+             sink_spec: str | None, output_format: str, obj: dict[str, Any], mode: Any = None) -> int:
     from . import logs
     from .cli import print_error
     from .engine import Run
@@ -69,7 +82,7 @@ def run_once(flow_path: Path, pairs: tuple[str, ...], inputs_file: Path | None, 
     text_pairs = parse_pairs(pairs)
     given.update(text_pairs)
     inputs = resolve_inputs(flow, given, from_text=frozenset(text_pairs))
-    run = Run(flow, inputs)  # resolves the connections' ${env.X}: may fail, before any file is opened
+    run = Run(flow, inputs, llm_mode=mode)  # resolves the connections' ${env.X}: may fail, before any file is opened
     if output_format == "json" and sink_spec is None:
         sink_spec = "none"
     sink = open_sink(sink_spec or "stdout")
@@ -89,6 +102,8 @@ def run_once(flow_path: Path, pairs: tuple[str, ...], inputs_file: Path | None, 
         return EXIT_BROKEN_PIPE
     finally:
         sink.close(interrupted=stopped_by is not None)
+        if hasattr(mode, "close"):
+            mode.close()
     if stopped_by is not None:
         click.echo("Interrupted." if stopped_by == EXIT_INTERRUPTED else "Terminated.", err=True)
         return stopped_by

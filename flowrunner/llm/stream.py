@@ -91,11 +91,12 @@ class StreamState:
         }
 
 
-async def read_stream(response: Any, step_id: str, state: StreamState, idle_timeout: float) -> AsyncIterator[TextDelta]:
-    """Yield a TextDelta per content piece of the first choice, filling `state` as it goes."""
+async def read_stream(response: Any, step_id: str, state: StreamState, idle_timeout: float,
+                      tap: list[str] | None = None) -> AsyncIterator[TextDelta]:
+    """Yield a TextDelta per content piece of the first choice, filling `state` as it goes.
+    `tap` (for --record) receives every data payload as it arrived."""
     import httpx2
 
-    loads = json.loads
     try:
         # After [DONE], read the (empty) rest of the body for up to DRAIN_SECONDS, so the connection
         # goes back to the pool instead of being dropped: the next request skips a TCP handshake.
@@ -106,22 +107,13 @@ async def read_stream(response: Any, step_id: str, state: StreamState, idle_time
                 data = sse.data
                 if not data:
                     continue
+                if tap is not None:
+                    tap.append(data)
                 if data.startswith("[DONE]"):
                     state.done = True
                     drain.reschedule(asyncio.get_running_loop().time() + DRAIN_SECONDS)
                     continue
-                try:
-                    chunk = loads(data)
-                except json.JSONDecodeError:
-                    raise StreamError(f"the server sent a malformed chunk: {data[:120]!r}",
-                                      "the server does not speak the OpenAI streaming format correctly") from None
-                if type(chunk) is not dict:
-                    raise StreamError(f"the server sent a chunk that is not a JSON object: {data[:120]!r}")
-                try:
-                    text = _apply(chunk, state)
-                except (AttributeError, TypeError, KeyError, ValueError):
-                    raise StreamError(f"the server sent a chunk of an unexpected shape: {data[:160]!r}",
-                                      "the server does not speak the OpenAI streaming format correctly") from None
+                text = _data(data, state)
                 if text:
                     yield TextDelta(step_id, text)
     except TimeoutError:
@@ -143,6 +135,35 @@ async def read_stream(response: Any, step_id: str, state: StreamState, idle_time
             return  # the answer and its finish_reason arrived: a cut before [DONE] is only a warning
         raise StreamError(f"the connection broke mid-stream ({type(e).__name__}: {e or 'closed'})",
                           retryable=True) from None
+
+
+async def replay_stream(chunks: list[str], step_id: str, state: StreamState) -> AsyncIterator[TextDelta]:
+    """A recorded stream's data payloads, through the same parsing, with the same chunking."""
+    for data in chunks:
+        if state.done:
+            break
+        if data.startswith("[DONE]"):
+            state.done = True
+            continue
+        text = _data(data, state)
+        if text:
+            yield TextDelta(step_id, text)
+
+
+def _data(data: str, state: StreamState) -> str | None:
+    """One event's data: parsed, checked, folded into `state`; its content delta, if any."""
+    try:
+        chunk = json.loads(data)
+    except json.JSONDecodeError:
+        raise StreamError(f"the server sent a malformed chunk: {data[:120]!r}",
+                          "the server does not speak the OpenAI streaming format correctly") from None
+    if type(chunk) is not dict:
+        raise StreamError(f"the server sent a chunk that is not a JSON object: {data[:120]!r}")
+    try:
+        return _apply(chunk, state)
+    except (AttributeError, TypeError, KeyError, ValueError):
+        raise StreamError(f"the server sent a chunk of an unexpected shape: {data[:160]!r}",
+                          "the server does not speak the OpenAI streaming format correctly") from None
 
 
 def _apply(chunk: dict[str, Any], state: StreamState) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -88,8 +89,10 @@ class ChatCompletionStep(Step):
         from ..llm.stream import StreamError, StreamState
 
         p = ctx.props
-        llm: LLMClient = await ctx.connection()
-        model = p.get("model") if llm.kind == "openai" else (p.get("deployment") or llm.deployment)
+        mode = ctx.run.llm_mode  # None, "dry-run", or a Recorder / Replayer (flowrunner.llm.replay)
+        offline = mode == "dry-run" or type(mode).__name__ == "Replayer"
+        conn = ctx.resolved_connection()  # offline, the connection is never opened: no key needed
+        model = p.get("model") if conn.type == "openai" else (p.get("deployment") or conn.config.get("deployment"))
         try:
             messages = build_messages(p.get("system_prompt"), p.get("history"), to_text(p["user_prompt"]),
                                       p.get("context"), p.get("prompt_template"))
@@ -101,13 +104,31 @@ class ChatCompletionStep(Step):
                 request[key] = p[key]
         state = StreamState()
         ctx.partial = lambda: state.outputs(partial=True)
+        if mode == "dry-run":
+            from ..llm.replay import comparable
+
+            yield TextDelta(ctx.step_id, json.dumps({"step": ctx.step_id, "request": comparable(request)},
+                                                    indent=2, ensure_ascii=False) + "\n")
+            state.finish_reason, state.model = "dry_run", model
+            yield Outputs(state.outputs(partial=False))
+            return
+        if mode is not None and not p.get("stream", True):
+            raise StepFailed("--record and --replay work with streaming chat steps (stream: true)")
         try:
-            if p.get("stream", True):
-                async with aclosing(self._stream(llm, request, state, ctx.step_id)) as deltas:
+            if offline:
+                from ..llm.stream import replay_stream
+
+                chunks = mode.take(ctx.step_id, request)
+                async with aclosing(replay_stream(chunks, ctx.step_id, state)) as deltas:
+                    async for delta in deltas:
+                        yield delta
+            elif p.get("stream", True):
+                llm: LLMClient = await ctx.connection()
+                async with aclosing(self._stream(llm, request, state, ctx.step_id, mode)) as deltas:
                     async for delta in deltas:
                         yield delta
             else:
-                text = await self._complete(llm, request, state)
+                text = await self._complete(await ctx.connection(), request, state)
                 if text:
                     yield TextDelta(ctx.step_id, text)
         except StreamError as e:
@@ -132,20 +153,26 @@ class ChatCompletionStep(Step):
             yield Usage(ctx.step_id, state.usage)
         yield Outputs(state.outputs(partial=False, tool_calls=calls))
 
-    async def _stream(self, llm: LLMClient, request: dict[str, Any], state: Any, step_id: str) -> AsyncIterator[Event]:
+    async def _stream(self, llm: LLMClient, request: dict[str, Any], state: Any, step_id: str,
+                      recorder: Any = None) -> AsyncIterator[Event]:
         from ..llm.errors import api_error
         from ..llm.stream import read_stream
 
         import openai
 
+        tap: list[str] | None = [] if recorder is not None else None
         try:
             async with llm.client.chat.completions.with_streaming_response.create(
                 **request, stream=True, stream_options={"include_usage": True}
-            ) as response, aclosing(read_stream(response.http_response, step_id, state, llm.idle_timeout)) as deltas:
+            ) as response, aclosing(read_stream(response.http_response, step_id, state, llm.idle_timeout,
+                                                tap)) as deltas:
                 async for delta in deltas:
                     yield delta
         except openai.APIError as e:
             raise api_error(e, llm) from None
+        finally:
+            if tap:  # a stream that broke is recorded as it broke: its replay breaks the same way
+                recorder.save(step_id, request, tap)
 
     async def _complete(self, llm: LLMClient, request: dict[str, Any], state: Any) -> str:
         from ..llm.errors import api_error

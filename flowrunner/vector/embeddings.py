@@ -124,5 +124,32 @@ async def embedder_for(spec: Mapping[str, Any], ctx: StepContext) -> Embedder:
     batch = int(spec.get("batch_size") or DEFAULT_BATCH)
     if spec.get("provider") == "local":
         return LocalEmbedder(spec.get("model") or DEFAULT_LOCAL_MODEL, min(batch, 64))
-    llm = await ctx.connection(spec["connection"])
-    return OpenAIEmbedder(llm, spec["model"], spec.get("dimensions"), batch)
+    mode = ctx.run.llm_mode
+    if type(mode).__name__ == "Replayer":  # --replay: the recorded vectors; the connection stays closed
+        return ReplayEmbedder(mode, ctx.step_id, spec["model"], spec.get("dimensions"))
+    embedder = OpenAIEmbedder(await ctx.connection(spec["connection"]), spec["model"], spec.get("dimensions"), batch)
+    if type(mode).__name__ == "Recorder":
+        return RecordingEmbedder(embedder, mode, ctx.step_id)
+    return embedder
+
+
+def _request(model: str, dimensions: int | None, texts: Sequence[str]) -> dict[str, Any]:
+    return {"model": model, "input": list(texts), **({"dimensions": dimensions} if dimensions else {})}
+
+
+class RecordingEmbedder:
+    def __init__(self, inner: OpenAIEmbedder, recorder: Any, step: str) -> None:
+        self.inner, self.recorder, self.step = inner, recorder, step
+
+    async def embed(self, texts: Sequence[str]) -> list[Any]:
+        vectors = await self.inner.embed(texts)
+        self.recorder.save_embedding(self.step, _request(self.inner.model, self.inner.dimensions, texts), vectors)
+        return vectors
+
+
+class ReplayEmbedder:
+    def __init__(self, replayer: Any, step: str, model: str, dimensions: int | None) -> None:
+        self.replayer, self.step, self.model, self.dimensions = replayer, step, model, dimensions
+
+    async def embed(self, texts: Sequence[str]) -> list[Any]:
+        return self.replayer.take_embedding(self.step, _request(self.model, self.dimensions, texts))

@@ -1,0 +1,126 @@
+"""Testing flows without a model: `run --dry-run`, `--record FILE` and `--replay FILE`, through the
+real CLI against the local OpenAI-protocol server (and, for the RAG flow, the test PostgreSQL)."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import run_cli
+from tests.support.fixtures import Reply
+
+FLOW = """
+version: 1
+name: replayed
+inputs:
+  question: {type: string}
+connections:
+  llm: {type: openai, api_key: "${env.OPENAI_API_KEY}", base_url: "${env.OPENAI_BASE_URL}", max_retries: 0}
+steps:
+  - id: answer
+    type: chat_completion
+    connection: llm
+    model: gpt-4o-mini
+    system_prompt: Be brief.
+    user_prompt: ${inputs.question}
+    context: [first passage, second passage]
+    temperature: 0.2
+"""
+
+
+def texts(stdout: str) -> list[str]:
+    return [e["text"] for e in map(json.loads, stdout.splitlines()) if e["event"] == "text"]
+
+
+def test_dry_run_prints_the_request_and_calls_no_model(write_flow, llm) -> None:
+    flow = write_flow(FLOW)
+    out = run_cli("run", str(flow), "-i", "question=What is up?", "--dry-run",
+                  env={"OPENAI_BASE_URL": llm.base_url, "OPENAI_API_KEY": ""})  # no key needed
+    assert out.returncode == 0, out.stderr
+    shown = json.loads(out.stdout)
+    assert shown["step"] == "answer" and shown["request"]["model"] == "gpt-4o-mini"
+    assert shown["request"]["temperature"] == 0.2
+    messages = shown["request"]["messages"]
+    assert messages[0] == {"role": "system", "content": "Be brief."}
+    assert "[1] first passage" in messages[1]["content"] and "What is up?" in messages[1]["content"]
+    assert llm.requests == []
+
+
+def test_record_then_replay_with_the_same_chunking_offline(write_flow, llm, tmp_path) -> None:
+    flow, tape = write_flow(FLOW), tmp_path / "tape.jsonl"
+    env = {"OPENAI_BASE_URL": llm.base_url, "OPENAI_API_KEY": "sk-recording-key-123"}
+    llm.script(Reply(text=["Forty", "-two", ", of", " course."]))
+    live = run_cli("run", str(flow), "-i", "question=Answer?", "--record", str(tape), "--sink", "jsonl:-", env=env)
+    assert live.returncode == 0, live.stderr
+    assert texts(live.stdout) == ["Forty", "-two", ", of", " course."]
+    record = json.loads(tape.read_text().splitlines()[0])
+    assert record["step"] == "answer" and record["chunks"][-1] == "[DONE]"
+    assert "sk-recording-key-123" not in tape.read_text()
+    served = len(llm.requests)
+    # The replay reaches no server: the base URL points at nothing.
+    offline = {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1", "OPENAI_API_KEY": ""}
+    replay = run_cli("run", str(flow), "-i", "question=Answer?", "--replay", str(tape), "--sink", "jsonl:-",
+                     env=offline)
+    assert replay.returncode == 0, replay.stderr
+    assert texts(replay.stdout) == texts(live.stdout)
+    finished = [e for e in map(json.loads, replay.stdout.splitlines()) if e["event"] == "step_finished"][0]
+    assert finished["outputs"]["text"] == "Forty-two, of course." and finished["outputs"]["finish_reason"] == "stop"
+    assert len(llm.requests) == served
+    plain = run_cli("run", str(flow), "-i", "question=Answer?", "--replay", str(tape), env=offline)
+    assert plain.stdout.startswith("Forty-two, of course.")
+
+
+def test_a_replay_that_does_not_match_the_request_fails_clearly(write_flow, llm, tmp_path) -> None:
+    flow, tape = write_flow(FLOW), tmp_path / "tape.jsonl"
+    llm.script(Reply(text="Yes."))
+    env = {"OPENAI_BASE_URL": llm.base_url, "OPENAI_API_KEY": "sk-test"}
+    assert run_cli("run", str(flow), "-i", "question=Is it on?", "--record", str(tape), env=env).returncode == 0
+    out = run_cli("run", str(flow), "-i", "question=Is it off?", "--replay", str(tape), env=env)
+    assert out.returncode == 1
+    assert "replay mismatch: the chat request differs" in out.stderr
+    assert "request.messages[1].content" in out.stderr and "Is it on?" in out.stderr and "Is it off?" in out.stderr
+    assert "record again with --record FILE" in out.stderr and "Traceback" not in out.stderr
+    # Played once each: a second call for the same request finds nothing left.
+    flow2 = write_flow(FLOW + FLOW[FLOW.index("  - id: answer"):].replace("id: answer", "id: again"), "twice.yaml")
+    out = run_cli("run", str(flow2), "-i", "question=Is it on?", "--replay", str(tape), env=env)
+    assert out.returncode == 1 and "no recording left" in out.stderr
+
+
+def test_a_broken_stream_replays_broken(write_flow, llm, tmp_path) -> None:
+    flow, tape = write_flow(FLOW), tmp_path / "tape.jsonl"
+    env = {"OPENAI_BASE_URL": llm.base_url, "OPENAI_API_KEY": "sk-test"}
+    llm.script(Reply(text=["Half", " an", " answer", " and", " more"], disconnect_after=2))
+    live = run_cli("run", str(flow), "-i", "question=q", "--record", str(tape), env=env)
+    replay = run_cli("run", str(flow), "-i", "question=q", "--replay", str(tape), env=env)
+    assert live.returncode == replay.returncode == 1
+    assert replay.stdout == live.stdout == "Half an\n"
+    assert "no finish_reason" in replay.stderr
+
+
+def test_bad_replay_files_and_flag_combinations(write_flow, tmp_path) -> None:
+    flow = write_flow(FLOW)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"step": "answer", "request": {}, "chunks": []}\nnot json\n')
+    out = run_cli("run", str(flow), "-i", "question=q", "--replay", str(bad))
+    assert out.returncode == 2 and f"{bad}:2:1: --replay: not a recording made with --record" in out.stderr
+    out = run_cli("run", str(flow), "-i", "question=q", "--replay", str(bad), "--dry-run")
+    assert out.returncode == 2 and "exclude each other" in out.stderr
+
+
+def test_the_rag_example_records_and_replays_without_any_model_server(pg, llm, tmp_path) -> None:
+    env = {**pg.env, "OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": llm.base_url}
+    pg.execute("DROP TABLE IF EXISTS chat_history")
+    (pg.root / "history.sqlite3").unlink(missing_ok=True)
+    assert run_cli("run", "flows/ingest_docs.yaml", env=env).returncode == 0
+    tape = tmp_path / "rag.jsonl"
+    llm.script(Reply(text=["It adds", " vectors."]))
+    args = ("run", "flows/rag_chat.yaml", "-i", "question=What does pgvector add?", "-i", "conversation_id=ci")
+    live = run_cli(*args, "--record", str(tape), env=env)
+    assert live.returncode == 0, live.stderr
+    kinds = [json.loads(line).get("kind", "chat") for line in tape.read_text().splitlines()]
+    assert kinds == ["embedding", "chat"]
+    (pg.root / "history.sqlite3").unlink()  # the same history as when it was recorded
+    served = len(llm.requests)
+    replay = run_cli(*args, "--replay", str(tape), env={**env, "OPENAI_BASE_URL": "http://127.0.0.1:9/v1"})
+    assert replay.returncode == 0, replay.stderr
+    assert replay.stdout == live.stdout and replay.stdout.startswith("It adds vectors.")
+    assert len(llm.requests) == served
