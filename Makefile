@@ -1,31 +1,52 @@
 # flowrunner: the two commands of the README, and their helpers.
-#   make demo   install what is needed, then run the main job
-#   make test   install what is needed, then run the whole test suite
+#   make demo   install flowrunner, then run the main job (needs OPENAI_API_KEY or OPENAI_BASE_URL)
+#   make test   install what the tests need, then run the whole test suite
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+RUNSTAMP := $(VENV)/.installed
+STAMP    := $(VENV)/.installed-test
 TORCH  ?= 2.13.0
+CHAT_MODEL      ?= gpt-4o-mini
+EMBEDDING_MODEL ?= text-embedding-3-small
+QUESTION        ?= What does pgvector add to PostgreSQL, and how does flowrunner remember a conversation?
 
 SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: install system demo test bench schema clean
 
-$(STAMP): pyproject.toml
+# Two installs: flowrunner alone (the demo), and with what the tests need (torch's CPU build for the
+# offline embedding model, sentence-transformers, pytest...).
+$(RUNSTAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e .
+	@# An editable install leaves no bytecode (and PYTHONDONTWRITEBYTECODE may forbid writing it
+	@# later): compile it now, as pip does for a regular install, so start-up is fast.
+	$(BIN)/python -m compileall -q flowrunner
+	touch $(RUNSTAMP)
+
+$(STAMP): $(RUNSTAMP)
 	@# torch first, pinned to the CPU build: otherwise sentence-transformers pulls CUDA packages.
 	$(BIN)/python -m pip install --quiet 'torch==$(TORCH)'
 	$(BIN)/python -m pip install --quiet -e '.[test,local]'
-	@# An editable install leaves no bytecode (and PYTHONDONTWRITEBYTECODE may forbid writing it
-	@# later): compile it now, as pip does for a regular install, so start-up is fast.
 	$(BIN)/python -m compileall -q flowrunner
 	touch $(STAMP)
 
 install: $(STAMP)
 
-demo: $(STAMP)
-	$(BIN)/flowrunner run flows/hello.yaml -i name=flowrunner
+# The main job: the embedded PostgreSQL, this repo's docs ingested into pgvector, and a streamed
+# answer that remembers the conversation (SQLite history). A model server is checked for first,
+# before anything is installed.
+ifneq ($(filter demo,$(MAKECMDGOALS)),)
+ifeq ($(strip $(OPENAI_API_KEY)$(OPENAI_BASE_URL)),)
+$(error Set OPENAI_API_KEY, or OPENAI_BASE_URL to an OpenAI-compatible server such as Ollama at http://localhost:11434/v1, then run make demo again)
+endif
+endif
+demo: $(RUNSTAMP)
+	$(BIN)/flowrunner run flows/ingest_docs.yaml -i model="$(EMBEDDING_MODEL)"
+	$(BIN)/flowrunner run flows/rag_chat.yaml -i model="$(CHAT_MODEL)" -i embedding_model="$(EMBEDDING_MODEL)" \
+	  -i question="$(QUESTION)"
 
 # The ODBC driver manager and psqlODBC: the sqlserver connection's pyodbc code path runs for real
 # against the test PostgreSQL through them (no SQL Server can run here).
@@ -37,10 +58,10 @@ system:
 test: system $(STAMP)
 	$(BIN)/python -m pytest
 
-bench: $(STAMP)
-	$(BIN)/python bench/startup.py
+bench: system $(STAMP)
+	for b in startup chat_stream vector_search history; do $(BIN)/python bench/$$b.py || exit 1; done
 
-schema: $(STAMP)
+schema: $(RUNSTAMP)
 	$(BIN)/flowrunner schema > schemas/flow.schema.json
 
 clean:
