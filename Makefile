@@ -63,6 +63,7 @@ bench: system $(STAMP)
 
 schema: $(RUNSTAMP)
 	$(BIN)/flowrunner schema > schemas/flow.schema.json
+	$(BIN)/flowrunner steps --markdown reference/steps
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -86,10 +86,21 @@ def schema() -> int:
 
 @cli.command()
 @click.argument("type_name", required=False, metavar="[TYPE]")
-def steps(type_name: str | None) -> int:
+@click.option("--markdown", "markdown_dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="Write a reference page per step type (and an index) into DIR.")
+def steps(type_name: str | None, markdown_dir: Path | None) -> int:
     """List the step types, or describe one."""
-    from .docs import describe_step, list_steps
+    from .docs import describe_step, list_steps, markdown_index, markdown_step
+    from .steps import STEP_TYPES
 
+    if markdown_dir is not None:
+        markdown_dir.mkdir(parents=True, exist_ok=True)
+        for name in [type_name] if type_name else sorted(STEP_TYPES):
+            (markdown_dir / f"{name}.md").write_text(markdown_step(name), encoding="utf-8")
+        if not type_name:
+            (markdown_dir / "README.md").write_text(markdown_index(), encoding="utf-8")
+        click.echo(f"wrote the step reference into {markdown_dir}")
+        return 0
     click.echo(describe_step(type_name) if type_name else list_steps(), nl=False)
     return 0
 

@@ -51,3 +51,15 @@ def test_help_and_validate_do_not_import_heavy_libraries() -> None:
     for args in (["--help"], ["validate", "flows"], ["validate", "tests/flows/invalid"]):
         out = subprocess.run([sys.executable, "-c", probe, *args], cwd=ROOT, capture_output=True, text=True)
         assert "HEAVY []" in out.stderr, (args, out.stderr[-500:])
+
+
+def test_the_step_reference_pages_are_current(tmp_path) -> None:
+    out = run_cli("steps", "--markdown", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == sorted(p.name for p in (ROOT / "reference/steps").iterdir())
+    for name in written:
+        assert (tmp_path / name).read_text() == (ROOT / "reference/steps" / name).read_text(), (
+            f"reference/steps/{name} is stale: run `make schema`")
+    page = (tmp_path / "history_save.md").read_text()
+    assert "| `conversation_id` | string | yes |" in page and "## Example" in page and "`message_ids`" in page
