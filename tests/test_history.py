@@ -349,3 +349,21 @@ def test_rag_chat_remembers_the_conversation(store, pg, llm) -> None:
     assert "(source: ../docs/" in sent[5]["content"]  # the retrieved passages as context
     if store == "sqlserver":
         assert len(pg.execute("SELECT * FROM chat_history WHERE conversation_id = 'seed'")) == 6
+
+
+def test_a_table_name_from_a_reference_is_checked_before_any_sql(write_flow, tmp_path) -> None:
+    flow = write_flow("""
+version: 1
+name: injected
+inputs:
+  t: {type: string}
+steps:
+  - {id: recall, type: history_load, conversation_id: c, table: "${inputs.t}", create: true}
+""")
+    env = {"FLOWRUNNER_DATA_DIR": str(tmp_path / "data")}
+    assert run_cli("run", str(flow), "-i", "t=chat_history", env=env).returncode == 0
+    out = run_cli("run", str(flow), "-i", 't=chat_history"; DROP TABLE chat_history; --', env=env)
+    assert out.returncode == 1 and "is not a valid table name" in out.stderr, out.stderr
+    db = sqlite3.connect(tmp_path / "data" / "history.sqlite3")
+    assert db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'chat_history'").fetchone() == (1,)
+    db.close()

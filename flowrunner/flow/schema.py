@@ -280,6 +280,8 @@ def _describe(error: Any, smap: SourceMap) -> list[Problem]:
         return [Problem(f"needs at least {error.validator_value} entry", where, dotted)]
     if v == "minLength":
         return [Problem("must not be empty", where, dotted)]
+    if v == "maxLength":
+        return [Problem(f"is {len(inst)} characters long, at most {error.validator_value} allowed", where, dotted)]
     return [Problem(error.message[:200], where, dotted)]
 
 

@@ -15,8 +15,10 @@ CONNECTION_TYPES = ("sqlserver", "postgres", "sqlite")
 PROPERTIES: dict[str, dict[str, Any]] = {
     "conversation_id": {"type": "string", "minLength": 1, "maxLength": MAX_CONVERSATION_ID,
                         "description": "the conversation (up to 256 characters)"},
-    "table": {"type": "string", "pattern": TABLE_PATTERN, "default": DEFAULT_TABLE,
-              "description": "the history table, optionally schema.table"},
+    "table": {"anyOf": [{"type": "string", "pattern": TABLE_PATTERN,
+                         "description": "a valid table name (letters, digits and _, optionally schema.table)"},
+                        {"$ref": "#/$defs/reference"}],
+              "default": DEFAULT_TABLE, "description": "the history table, optionally schema.table"},
     "create": {"type": "boolean", "default": False,
                "description": "create the table (and its index) when it is missing"},
 }
