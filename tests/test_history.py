@@ -367,3 +367,27 @@ steps:
     db = sqlite3.connect(tmp_path / "data" / "history.sqlite3")
     assert db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'chat_history'").fetchone() == (1,)
     db.close()
+
+
+def test_message_ids_are_per_conversation(backend, write_flow) -> None:
+    """The same caller-given id in two conversations is two messages: one never overwrites the other."""
+    flow = write_flow(f"""
+version: 1
+name: ids
+inputs:
+  conv: {{type: string}}
+  text: {{type: string}}
+{backend.connections}
+steps:
+  - id: remember
+    type: history_save
+    {backend.step_connection}
+    conversation_id: ${{inputs.conv}}
+    messages: [{{role: user, content: "${{inputs.text}}", id: m1}}]
+    create: true
+""")
+    for conv, text in (("alice", "alice's words"), ("mallory", "mallory's words"), ("alice", "alice, edited")):
+        out = run_cli("run", str(flow), "-i", f"conv={conv}", "-i", f"text={text}", env=backend.env)
+        assert out.returncode == 0, out.stderr
+    assert sorted((r[0], r[2], r[4]) for r in backend.rows()) == [("alice", "alice, edited", "m1"),
+                                                                  ("mallory", "mallory's words", "m1")]

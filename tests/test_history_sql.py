@@ -39,7 +39,7 @@ def test_tsql_create_statements(table: str) -> None:
     assert "BIGINT IDENTITY(1, 1)" in sql["seq"] and "PRIMARY KEY" in sql["seq"]
     assert "NVARCHAR(MAX)" in sql["content"] and "NVARCHAR(MAX)" in sql["metadata"]
     assert "DATETIME2" in sql["created_at"] and "SYSUTCDATETIME()" in sql["created_at"]
-    assert "UNIQUE" in sql["message_id"]
+    assert "UNIQUE ([conversation_id], [message_id])" in create_table.sql("tsql")
     index = create_index.find(exp.Create)
     assert index is not None and index.kind == "INDEX"
     assert [c.name for c in index.find_all(exp.Column)][-2:] == ["conversation_id", "seq"]
@@ -67,10 +67,12 @@ def test_tsql_upsert_is_one_merge_with_every_column_bound(table: str) -> None:
     assert "WITH (HOLDLOCK)" in text and "WHEN MATCHED THEN UPDATE" in text and "WHEN NOT MATCHED THEN INSERT" in text
 
 
-def test_tsql_lock_is_a_transaction_applock() -> None:
-    tree = parse(TSQL.lock_sql() or "")
-    assert isinstance(tree, exp.Execute) and placeholders(tree) == 1
-    assert "@LockOwner = 'Transaction'" in tree.sql("tsql")
+def test_tsql_lock_is_a_transaction_applock_whose_result_is_read() -> None:
+    trees = sqlglot.parse(TSQL.lock_sql() or "", read="tsql", error_level=sqlglot.ErrorLevel.RAISE)
+    assert [type(t).__name__ for t in trees] == ["Set", "Declare", "Execute", "Select"]
+    assert sum(placeholders(t) for t in trees) == 1
+    assert trees[2].sql("tsql").startswith("EXECUTE @r = sp_getapplock")
+    assert "@LockOwner = 'Transaction'" in trees[2].sql("tsql") and trees[3].sql("tsql") == "SELECT @r"
 
 
 @pytest.mark.parametrize("bad", ["chat history", "x;DROP TABLE y", 'a"b', "a]b", "1table", "a.b.c", "", None])

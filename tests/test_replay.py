@@ -108,19 +108,42 @@ def test_bad_replay_files_and_flag_combinations(write_flow, tmp_path) -> None:
 
 def test_the_rag_example_records_and_replays_without_any_model_server(pg, llm, tmp_path) -> None:
     env = {**pg.env, "OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": llm.base_url}
-    pg.execute("DROP TABLE IF EXISTS chat_history")
     (pg.root / "history.sqlite3").unlink(missing_ok=True)
     assert run_cli("run", "flows/ingest_docs.yaml", env=env).returncode == 0
     tape = tmp_path / "rag.jsonl"
     llm.script(Reply(text=["It adds", " vectors."]))
-    args = ("run", "flows/rag_chat.yaml", "-i", "question=What does pgvector add?", "-i", "conversation_id=ci")
+    args = ("run", "flows/rag_chat.yaml", "-i", "question=What does pgvector add?", "-i", "conversation_id=recording")
     live = run_cli(*args, "--record", str(tape), env=env)
     assert live.returncode == 0, live.stderr
     kinds = [json.loads(line).get("kind", "chat") for line in tape.read_text().splitlines()]
     assert kinds == ["embedding", "chat"]
-    (pg.root / "history.sqlite3").unlink()  # the same history as when it was recorded
+    # Replayed under another (empty) conversation: a replay saves nothing, so it repeats exactly.
+    replay_args = (*args[:-1], "conversation_id=ci")
     served = len(llm.requests)
-    replay = run_cli(*args, "--replay", str(tape), env={**env, "OPENAI_BASE_URL": "http://127.0.0.1:9/v1"})
-    assert replay.returncode == 0, replay.stderr
-    assert replay.stdout == live.stdout and replay.stdout.startswith("It adds vectors.")
+    for _ in range(2):
+        replay = run_cli(*replay_args, "--replay", str(tape), env={**env, "OPENAI_BASE_URL": "http://127.0.0.1:9/v1"})
+        assert replay.returncode == 0, replay.stderr
+        assert replay.stdout == live.stdout and replay.stdout.startswith("It adds vectors.")
     assert len(llm.requests) == served
+    assert "not saved" in replay.stderr
+
+
+def test_a_recording_masks_secrets_and_still_replays(write_flow, llm, tmp_path) -> None:
+    """A 4-character DSN password that also occurs in the question is masked in the recording; the
+    replay compares the masked request with the masked recording, so it still matches."""
+    flow = write_flow(FLOW.replace('max_retries: 0}', 'max_retries: 0}\n  db: {type: postgres, dsn: "postgresql://u:chat@h/db"}'))
+    tape, env = tmp_path / "tape.jsonl", {"OPENAI_BASE_URL": llm.base_url, "OPENAI_API_KEY": "sk-test"}
+    llm.script(Reply(text="History is kept."))
+    q = "question=how does chat history work?"
+    assert run_cli("run", str(flow), "-i", q, "--record", str(tape), env=env).returncode == 0
+    assert "chat history" not in tape.read_text() and "*** history" in tape.read_text()
+    out = run_cli("run", str(flow), "-i", q, "--replay", str(tape), env=env)
+    assert out.returncode == 0, out.stderr
+
+
+def test_record_leaves_an_old_recording_alone_when_the_flow_does_not_load(write_flow, tmp_path) -> None:
+    tape = tmp_path / "tape.jsonl"
+    tape.write_text("precious\n")
+    broken = write_flow("version: 1\nname: x\nsteps: []\n", "broken.yaml")
+    out = run_cli("run", str(broken), "--record", str(tape))
+    assert out.returncode == 2 and tape.read_text() == "precious\n"

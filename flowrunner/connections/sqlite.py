@@ -41,7 +41,11 @@ async def open_sqlite(conn: ResolvedConnection, stack: AsyncExitStack) -> Thread
     else:
         conn.require("path") if "path" in conn.missing_env else None  # ${env.X} unset: say so
         path = default_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise FlowRuntimeError(Problem(f"cannot create the data directory {path.parent}: {e.strerror or e}",
+                                           hint="set FLOWRUNNER_DATA_DIR to a writable directory")) from None
     timeout = float(conn.config.get("timeout") or DEFAULT_TIMEOUT)
 
     def connect() -> Any:

@@ -70,7 +70,12 @@ def _dialect_of(dbms: str) -> Dialect:
 
 
 async def open_sqlserver(conn: ResolvedConnection, stack: AsyncExitStack) -> ThreadedStore:
-    import pyodbc
+    try:
+        import pyodbc
+    except ImportError as e:  # the wheel is there, the ODBC driver manager (libodbc) is not
+        raise FlowRuntimeError(Problem(f"cannot load pyodbc: {e}", path=f"connections.{conn.name}",
+                                       hint="install unixODBC and an ODBC driver for SQL Server (Debian: apt-get "
+                                            "install unixodbc, then msodbcsql18 or tdsodbc)")) from None
 
     odbc = conn.require("odbc", "an ODBC connection string")
     timeout = float(conn.config.get("timeout") or DEFAULT_TIMEOUT)
@@ -85,10 +90,13 @@ async def open_sqlserver(conn: ResolvedConnection, stack: AsyncExitStack) -> Thr
             pass  # a driver without query timeouts (psqlODBC)
         return db
 
+    first = None
     try:
         first = await asyncio.to_thread(connect)
         dbms = await asyncio.to_thread(first.getinfo, pyodbc.SQL_DBMS_NAME)
     except pyodbc.Error as e:
+        if first is not None:
+            first.close()
         hint = "check SERVER, DATABASE and the credentials, and that the server is reachable"
         if sqlstate(e) == "IM002":
             hint = ("the ODBC driver named by DRIVER= is not installed (odbcinst -q -d lists them; Microsoft's is "

@@ -3,7 +3,7 @@
     seq              the ordering key: an identity column, so rows of a conversation read back in
                      the order they were saved (a save holds a per-conversation lock, so the two
                      messages of one turn are always adjacent)
-    message_id       a stable id (unique): saving the same message again updates it in place
+    message_id       a stable id, unique within its conversation: saving it again updates it in place
     conversation_id  up to 256 characters; indexed together with seq
     role             user | assistant | system | tool
     content          the text, unlimited (NVARCHAR(MAX) / TEXT)
@@ -33,7 +33,7 @@ UPSERT_COLUMNS = ("message_id", "conversation_id", "role", "content", "status", 
 
 
 def table_parts(table: object) -> list[str]:
-    if not isinstance(table, str) or not _TABLE.match(table):
+    if not isinstance(table, str) or not _TABLE.fullmatch(table):  # fullmatch: no trailing newline either
         raise StepFailed(f"table {table!r} is not a valid name",
                          hint="use letters, digits and '_' (schema.table allowed)")
     return table.split(".")
@@ -63,12 +63,13 @@ class Dialect:
         q = lambda c: f"{self.open_quote}{c}{self.close_quote}"  # noqa: E731
         if self.name == "tsql":
             columns = (f"{q('seq')} BIGINT IDENTITY(1, 1) NOT NULL PRIMARY KEY, "
-                       f"{q('message_id')} NVARCHAR(64) NOT NULL UNIQUE, "
+                       f"{q('message_id')} NVARCHAR(64) NOT NULL, "
                        f"{q('conversation_id')} NVARCHAR({MAX_CONVERSATION_ID}) NOT NULL, "
                        f"{q('role')} NVARCHAR(32) NOT NULL, {q('content')} NVARCHAR(MAX) NOT NULL, "
                        f"{q('status')} NVARCHAR(16) NOT NULL DEFAULT 'complete', {q('run_id')} NVARCHAR(64) NULL, "
                        f"{q('metadata')} NVARCHAR(MAX) NULL, "
-                       f"{q('created_at')} DATETIME2(3) NOT NULL DEFAULT SYSUTCDATETIME()")
+                       f"{q('created_at')} DATETIME2(3) NOT NULL DEFAULT SYSUTCDATETIME(), "
+                       f"UNIQUE ({q('conversation_id')}, {q('message_id')})")
             name = table.replace("'", "")  # validated already; no quote can be in it
             return [
                 f"IF OBJECT_ID(N'{t}', N'U') IS NULL CREATE TABLE {t} ({columns})",
@@ -76,17 +77,23 @@ class Dialect:
                 f"AND object_id = OBJECT_ID(N'{t}')) CREATE INDEX {ix} ON {t} ({q('conversation_id')}, {q('seq')})",
             ]
         if self.name == "postgres":
-            columns = (f"seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, message_id VARCHAR(64) NOT NULL UNIQUE, "
+            columns = (f"seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, message_id VARCHAR(64) NOT NULL, "
                        f"conversation_id VARCHAR({MAX_CONVERSATION_ID}) NOT NULL, role VARCHAR(32) NOT NULL, "
                        f"content TEXT NOT NULL, status VARCHAR(16) NOT NULL DEFAULT 'complete', run_id VARCHAR(64), "
-                       f"metadata JSONB, created_at TIMESTAMPTZ NOT NULL DEFAULT now()")
+                       f"metadata JSONB, created_at TIMESTAMPTZ NOT NULL DEFAULT now(), "
+                       f"UNIQUE (conversation_id, message_id)")
         else:  # sqlite: INTEGER PRIMARY KEY is the rowid, ever increasing while rows are only added
-            columns = (f"seq INTEGER PRIMARY KEY, message_id TEXT NOT NULL UNIQUE, conversation_id TEXT NOT NULL, "
+            columns = (f"seq INTEGER PRIMARY KEY, message_id TEXT NOT NULL, conversation_id TEXT NOT NULL, "
                        f"role TEXT NOT NULL, content TEXT NOT NULL, status TEXT NOT NULL DEFAULT 'complete', "
                        f"run_id TEXT, metadata TEXT, "
-                       f"created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))")
+                       f"created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')), "
+                       f"UNIQUE (conversation_id, message_id)")
+        on = t
+        parts = table_parts(table)
+        if self.name == "sqlite" and len(parts) == 2:  # SQLite puts the database name on the index
+            ix, on = f'"{parts[0]}".{ix}', f'"{parts[1]}"'
         return [f"CREATE TABLE IF NOT EXISTS {t} ({columns})",
-                f"CREATE INDEX IF NOT EXISTS {ix} ON {t} (conversation_id, seq)"]
+                f"CREATE INDEX IF NOT EXISTS {ix} ON {on} (conversation_id, seq)"]
 
     def load_sql(self, table: str) -> tuple[str, bool]:
         """The newest `limit` messages of a conversation, newest first; and whether the limit is bound
@@ -102,8 +109,9 @@ class Dialect:
     def lock_sql(self) -> str | None:
         """Serializes the saves of one conversation (its key is bound), so one turn's messages get
         adjacent seq values. SQLite needs none: BEGIN IMMEDIATE already serializes every writer."""
-        if self.name == "tsql":
-            return "EXEC sp_getapplock @Resource = ?, @LockMode = 'Exclusive', @LockOwner = 'Transaction'"
+        if self.name == "tsql":  # sp_getapplock reports a timeout or deadlock by its return code (< 0)
+            return ("SET NOCOUNT ON; DECLARE @r INT; EXEC @r = sp_getapplock @Resource = ?, @LockMode = 'Exclusive', "
+                    "@LockOwner = 'Transaction'; SELECT @r")
         if self.name == "postgres":
             (p,) = self._params(1)
             return f"SELECT pg_advisory_xact_lock(hashtextextended({p}, 0))"
@@ -118,14 +126,14 @@ class Dialect:
             cols = ", ".join(f"[{c}]" for c in UPSERT_COLUMNS)
             values = ", ".join(f"s.[{c}]" for c in UPSERT_COLUMNS)
             return (f"MERGE INTO {t} WITH (HOLDLOCK) AS t USING (SELECT {source}) AS s "
-                    f"ON t.[message_id] = s.[message_id] "
+                    f"ON t.[conversation_id] = s.[conversation_id] AND t.[message_id] = s.[message_id] "
                     f"WHEN MATCHED THEN UPDATE SET [content] = s.[content], [status] = s.[status], "
                     f"[metadata] = s.[metadata] "
                     f"WHEN NOT MATCHED THEN INSERT ({cols}) VALUES ({values});")
         if self.name == "postgres":
             params[-1] = f"CAST(CAST({params[-1]} AS text) AS jsonb)"  # JSON text, from any driver
         return (f"INSERT INTO {t} ({', '.join(UPSERT_COLUMNS)}) VALUES ({', '.join(params)}) "
-                f"ON CONFLICT (message_id) DO UPDATE SET content = excluded.content, status = excluded.status, "
+                f"ON CONFLICT (conversation_id, message_id) DO UPDATE SET content = excluded.content, status = excluded.status, "
                 f"metadata = excluded.metadata")
 
 

@@ -126,11 +126,21 @@ class ThreadedStore(HistoryStore):
             pass
 
     async def close(self) -> None:
-        await asyncio.to_thread(self._workers.shutdown)  # a save in flight completes
-        with self._lock:
-            conns, self._idle = self._idle, []
-        for conn in conns:
-            self._discard(conn)
+        try:
+            await asyncio.to_thread(self._workers.shutdown)  # a save in flight completes (bounded)
+        finally:
+            with self._lock:
+                conns, self._idle = self._idle, []
+            for conn in conns:
+                self._discard(conn)
+
+    def _lock_conversation(self, cur: Any, lock: str, key: str) -> None:
+        cur.execute(lock, (key,))
+        if self.dialect.name == "tsql":
+            row = cur.fetchone()
+            if row is None or row[0] is None or row[0] < 0:
+                raise StepFailed(f"{self.where}: could not lock the conversation (sp_getapplock returned "
+                                 f"{row[0] if row else None})", retryable=True)
 
     async def _create(self, table: str) -> None:
         statements, lock = self.dialect.create_statements(table), self.dialect.lock_sql()
@@ -140,7 +150,7 @@ class ThreadedStore(HistoryStore):
             if self._begin:
                 cur.execute(self._begin)
             if lock:  # two runs creating the same table at once: one waits, then finds it there
-                cur.execute(lock, (self.lock_key(table, ""),))
+                self._lock_conversation(cur, lock, self.lock_key(table, ""))
             for sql in statements:
                 cur.execute(sql)
             conn.commit()
@@ -169,7 +179,7 @@ class ThreadedStore(HistoryStore):
             if self._begin:
                 cur.execute(self._begin)
             if lock:
-                cur.execute(lock, (key,))
+                self._lock_conversation(cur, lock, key)
             for row in rows:
                 if self._prepare:
                     self._prepare(cur)

@@ -44,6 +44,8 @@ class Workers:
             if item is None:
                 return
             job, fut, loop = item
+            if fut.cancelled():  # its caller is gone (Ctrl-C) before it started: don't start it
+                continue
             try:
                 result, error = job(), None
             except BaseException as e:  # handed to the awaiting task, raised there
@@ -53,10 +55,15 @@ class Workers:
             except RuntimeError:  # the loop is closed: nobody is waiting any more
                 pass
 
-    def shutdown(self) -> None:
-        """Let queued jobs finish (a save in flight completes), then stop every thread."""
+    def shutdown(self, wait: float = 5.0) -> None:
+        """Let the jobs in flight finish (a save completes), then stop every thread; but wait at most
+        `wait` seconds in all: a query stuck on a lock or a dead server must not hold up an exit (the
+        threads are daemons: they end with the process)."""
+        import time
+
         for _ in self._threads:
             self._jobs.put(None)
+        deadline = time.monotonic() + wait
         for thread in self._threads:
-            thread.join()
+            thread.join(max(0.0, deadline - time.monotonic()))
         self._threads.clear()

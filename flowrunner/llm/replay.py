@@ -26,12 +26,21 @@ def comparable(request: dict[str, Any]) -> dict[str, Any]:
     return {k: request[k] for k in REQUEST_KEYS if request.get(k) is not None}
 
 
+def masked(value: Any) -> Any:
+    """A value as the recording holds it: secrets masked (a replay compares like with like)."""
+    from ..secrets import redact
+
+    return json.loads(redact(json.dumps(value, ensure_ascii=False)))
+
+
 class Recorder:
+    """Opened at the first call it records: a flow that fails before any leaves an old recording alone."""
+
     def __init__(self, path: Path) -> None:
-        try:
-            self._file = path.open("w", encoding="utf-8")
-        except OSError as e:
-            raise FlowDefinitionError.at(f"--record: cannot write the file: {e.strerror or e}", Location(str(path))) from None
+        self.path = path
+        self._file: Any = None
+        if path.is_dir() or not path.parent.is_dir():
+            raise FlowDefinitionError.at("--record: not a file in an existing folder", Location(str(path)))
 
     def save(self, step: str, request: dict[str, Any], chunks: list[str]) -> None:
         self._write({"step": step, "request": comparable(request), "chunks": chunks})
@@ -42,12 +51,18 @@ class Recorder:
     def _write(self, record: dict[str, Any]) -> None:
         from ..secrets import redact
 
+        if self._file is None:
+            try:
+                self._file = self.path.open("w", encoding="utf-8")
+            except OSError as e:
+                raise StepFailed(f"--record: cannot write {self.path}: {e.strerror or e}") from None
         line = json.dumps(record, ensure_ascii=False)
         self._file.write(redact(line) + "\n")
         self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 class Replayer:
@@ -75,10 +90,10 @@ class Replayer:
 
     def take(self, step: str, request: dict[str, Any]) -> list[str]:
         """The chunks recorded for this chat request (each recording plays once, in file order)."""
-        return [str(c) for c in self._take("chat", step, comparable(request))["chunks"]]
+        return [str(c) for c in self._take("chat", step, masked(comparable(request)))["chunks"]]
 
     def take_embedding(self, step: str, request: dict[str, Any]) -> list[list[float]]:
-        return self._take("embedding", step, request)["vectors"]
+        return self._take("embedding", step, masked(request))["vectors"]
 
     def _take(self, kind: str, step: str, wanted: dict[str, Any]) -> dict[str, Any]:
         unused = [i for i, r in enumerate(self._records) if i not in self._used and r.get("kind", "chat") == kind]

@@ -103,6 +103,13 @@ class HistorySaveStep(Step):
             rows.append((mid, conversation, m["role"], _text(m["content"]), status, ctx.run.run_id,
                          json.dumps(meta, ensure_ascii=False) if meta else None))
             ids.append(mid)
+        if ctx.run.llm_mode is not None and type(ctx.run.llm_mode).__name__ != "Recorder":
+            # --dry-run / --replay: no model answered, so nothing is written; a replay stays repeatable.
+            from ..events import Warning
+
+            yield Warning(ctx.step_id, "not saved: the model was not called (--dry-run or --replay)")
+            yield Outputs({"message_ids": ids, "count": 0, "status": status})
+            return
         store, table = await access.open_store(ctx)
         await access.guarded(store.save(table, conversation, rows), table, store)
         yield Outputs({"message_ids": ids, "count": len(rows), "status": status})
