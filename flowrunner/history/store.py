@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,7 +26,7 @@ class TableMissing(Exception):
     """The history table does not exist (and the step did not ask to create it)."""
 
 
-class HistoryStore:
+class HistoryStore(ABC):
     dialect: Dialect
     where: str  # for messages; never a password
 
@@ -43,16 +44,16 @@ class HistoryStore:
                 await self._create(table)
                 self._created.add(table)
 
-    async def _create(self, table: str) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    async def _create(self, table: str) -> None: ...
 
+    @abstractmethod
     async def load(self, table: str, conversation_id: str, limit: int) -> list[Row]:
         """(seq, role, content, status) rows (the driver's own row objects) of the newest `limit`
         messages, newest first."""
-        raise NotImplementedError
 
-    async def save(self, table: str, conversation_id: str, rows: Sequence[Row]) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    async def save(self, table: str, conversation_id: str, rows: Sequence[Row]) -> None: ...
 
     def lock_key(self, table: str, conversation_id: str) -> str:
         import hashlib
