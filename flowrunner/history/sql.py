@@ -17,6 +17,7 @@ as parameters."""
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -57,7 +58,8 @@ class Dialect:
     def _index_name(self, table: str) -> str:
         return f"{self.open_quote}ix_{table_parts(table)[-1][:48]}_conversation{self.close_quote}"
 
-    def create_statements(self, table: str) -> list[str]:
+    @functools.lru_cache(maxsize=64)  # built once per table: saves work on every load and save
+    def create_statements(self, table: str) -> tuple[str, ...]:
         """Idempotent DDL: safe to run when the table (or its index) is already there."""
         t, ix = self.quote(table), self._index_name(table)
         q = lambda c: f"{self.open_quote}{c}{self.close_quote}"  # noqa: E731
@@ -71,11 +73,11 @@ class Dialect:
                        f"{q('created_at')} DATETIME2(3) NOT NULL DEFAULT SYSUTCDATETIME(), "
                        f"UNIQUE ({q('conversation_id')}, {q('message_id')})")
             name = table.replace("'", "")  # validated already; no quote can be in it
-            return [
+            return (
                 f"IF OBJECT_ID(N'{t}', N'U') IS NULL CREATE TABLE {t} ({columns})",
                 f"IF NOT EXISTS (SELECT 1 FROM sys.indexes WHERE name = N'ix_{table_parts(name)[-1][:48]}_conversation' "
                 f"AND object_id = OBJECT_ID(N'{t}')) CREATE INDEX {ix} ON {t} ({q('conversation_id')}, {q('seq')})",
-            ]
+            )
         if self.name == "postgres":
             columns = (f"seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, message_id VARCHAR(64) NOT NULL, "
                        f"conversation_id VARCHAR({MAX_CONVERSATION_ID}) NOT NULL, role VARCHAR(32) NOT NULL, "
@@ -92,9 +94,10 @@ class Dialect:
         parts = table_parts(table)
         if self.name == "sqlite" and len(parts) == 2:  # SQLite puts the database name on the index
             ix, on = f'"{parts[0]}".{ix}', f'"{parts[1]}"'
-        return [f"CREATE TABLE IF NOT EXISTS {t} ({columns})",
-                f"CREATE INDEX IF NOT EXISTS {ix} ON {on} (conversation_id, seq)"]
+        return (f"CREATE TABLE IF NOT EXISTS {t} ({columns})",
+                f"CREATE INDEX IF NOT EXISTS {ix} ON {on} (conversation_id, seq)")
 
+    @functools.lru_cache(maxsize=64)  # built once per table: saves work on every load and save
     def load_sql(self, table: str) -> tuple[str, bool]:
         """The newest `limit` messages of a conversation, newest first; and whether the limit is bound
         before the conversation id."""
@@ -117,6 +120,7 @@ class Dialect:
             return f"SELECT pg_advisory_xact_lock(hashtextextended({p}, 0))"
         return None
 
+    @functools.lru_cache(maxsize=64)  # built once per table: saves work on every load and save
     def upsert_sql(self, table: str) -> str:
         """Insert one message, or update the one with the same message_id (a repeated save)."""
         t = self.quote(table)
