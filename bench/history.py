@@ -126,6 +126,7 @@ async def bench_backend(backend: str, env: dict[str, str], iterations: int) -> d
     from flowrunner.connections.pool import Connections
     from flowrunner.engine import Run, StepContext
     from flowrunner.flow.build import load_flow_text
+    from flowrunner.history.access import store_of
     from flowrunner.steps.history_load import HistoryLoadStep
     from flowrunner.steps.history_save import HistorySaveStep
 
@@ -134,8 +135,7 @@ async def bench_backend(backend: str, env: dict[str, str], iterations: int) -> d
     flow = load_flow_text(FLOW.format(connections=connections, conn=conn), f"<{backend}>")
     result: dict[str, float] = {}
     async with Connections(flow) as conns:
-        store = await conns.get("h")
-        store = store if hasattr(store, "ensure_table") else store.history()
+        store = store_of(await conns.get("h"))
         await store.ensure_table("chat_history")
         raw = Raw(backend, store)
         await raw.open(env)

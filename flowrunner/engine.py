@@ -69,7 +69,7 @@ class Run:
         self.status = "pending"
         self.outputs: dict[str, Any] = {}
         self.errors: list[FlowError] = []
-        self.llm_mode = llm_mode  # None (live), "dry-run", or a flowrunner.llm.replay Recorder / Replayer
+        self.llm_mode = llm_mode  # None (live), or a flowrunner.llm.replay DryRun / Recorder / Replayer
 
     @property
     def error(self) -> FlowError | None:

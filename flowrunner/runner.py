@@ -56,16 +56,14 @@ def load_inputs_file(path: Path) -> dict[str, Any]:
 
 
 def llm_mode(dry_run: bool, record: Path | None, replay: Path | None) -> Any:
-    """None (call the model), "dry-run", or a Recorder / Replayer."""
+    """None (call the model), or a DryRun / Recorder / Replayer from flowrunner.llm.replay."""
     if sum((dry_run, record is not None, replay is not None)) > 1:
         raise FlowDefinitionError.at("--dry-run, --record and --replay exclude each other: choose one")
-    if dry_run:
-        return "dry-run"
-    if record or replay:
-        from .llm.replay import Recorder, Replayer
+    if not (dry_run or record or replay):
+        return None
+    from .llm.replay import DryRun, Recorder, Replayer
 
-        return Recorder(record) if record else Replayer(replay)  # type: ignore[arg-type]
-    return None
+    return DryRun() if dry_run else Recorder(record) if record else Replayer(replay)  # type: ignore[arg-type]
 
 
 def run_once(flow_path: Path, pairs: tuple[str, ...], inputs_file: Path | None, connections_file: Path | None,

@@ -39,7 +39,8 @@ async def open_sqlite(conn: ResolvedConnection, stack: AsyncExitStack) -> Thread
         if not path.is_absolute():
             path = Path(conn.base_dir) / path
     else:
-        conn.require("path") if "path" in conn.missing_env else None  # ${env.X} unset: say so
+        if "path" in conn.missing_env:  # the flow asked for ${env.X} and X is not set: say so
+            conn.require("path")
         path = default_path()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -25,11 +25,16 @@ PROPERTIES: dict[str, dict[str, Any]] = {
 NO_CONNECTION = "without `connection:`, the embedded SQLite history file in the user's data directory"
 
 
+def store_of(conn: Any) -> HistoryStore:
+    """The history store of an opened connection: sqlserver and sqlite ones are stores; a postgres
+    one has a store on its pool."""
+    return conn.history() if hasattr(conn, "history") else conn
+
+
 async def open_store(ctx: StepContext) -> tuple[HistoryStore, str]:
     """The step's store and table, created first when the step says `create: true`."""
     p = ctx.props
-    conn = await (ctx.connection() if p.get("connection") else ctx.run.connections.default_history())
-    store: HistoryStore = conn.history() if hasattr(conn, "history") else conn  # postgres: its pool's store
+    store = store_of(await (ctx.connection() if p.get("connection") else ctx.run.connections.default_history()))
     table = p.get("table") or DEFAULT_TABLE
     if p.get("create"):
         await store.ensure_table(table)

@@ -16,6 +16,7 @@ def init_tables(flow_path: Path, connections_file: Path | None) -> int:
     from .. import refs
     from ..connections.pool import Connections
     from ..flow.build import load_connections_file, load_flow
+    from .access import store_of
 
     extra = load_connections_file(connections_file) if connections_file else None
     flow = load_flow(flow_path, extra)
@@ -35,7 +36,7 @@ def init_tables(flow_path: Path, connections_file: Path | None) -> int:
         async with Connections(flow) as conns:
             for name, table in targets:
                 conn = await (conns.get(name) if name else conns.default_history())
-                store = conn if hasattr(conn, "ensure_table") else conn.history()
+                store = store_of(conn)
                 try:
                     await store.ensure_table(table)
                 except Exception as e:  # StepFailed from the store: no step to name, so say the connection

@@ -55,13 +55,14 @@ class Dialect:
             return [f"${i}" for i in range(start, start + n)]
         return ["?"] * n
 
-    def _index_name(self, table: str) -> str:
-        return f"{self.open_quote}ix_{table_parts(table)[-1][:48]}_conversation{self.close_quote}"
+    @staticmethod
+    def _index_base(table: str) -> str:
+        return f"ix_{table_parts(table)[-1][:48]}_conversation"
 
     @functools.lru_cache(maxsize=64)  # built once per table: saves work on every load and save
     def create_statements(self, table: str) -> tuple[str, ...]:
         """Idempotent DDL: safe to run when the table (or its index) is already there."""
-        t, ix = self.quote(table), self._index_name(table)
+        t, ix = self.quote(table), f"{self.open_quote}{self._index_base(table)}{self.close_quote}"
         q = lambda c: f"{self.open_quote}{c}{self.close_quote}"  # noqa: E731
         if self.name == "tsql":
             columns = (f"{q('seq')} BIGINT IDENTITY(1, 1) NOT NULL PRIMARY KEY, "
@@ -72,10 +73,9 @@ class Dialect:
                        f"{q('metadata')} NVARCHAR(MAX) NULL, "
                        f"{q('created_at')} DATETIME2(3) NOT NULL DEFAULT SYSUTCDATETIME(), "
                        f"UNIQUE ({q('conversation_id')}, {q('message_id')})")
-            name = table.replace("'", "")  # validated already; no quote can be in it
             return (
                 f"IF OBJECT_ID(N'{t}', N'U') IS NULL CREATE TABLE {t} ({columns})",
-                f"IF NOT EXISTS (SELECT 1 FROM sys.indexes WHERE name = N'ix_{table_parts(name)[-1][:48]}_conversation' "
+                f"IF NOT EXISTS (SELECT 1 FROM sys.indexes WHERE name = N'{self._index_base(table)}' "
                 f"AND object_id = OBJECT_ID(N'{t}')) CREATE INDEX {ix} ON {t} ({q('conversation_id')}, {q('seq')})",
             )
         if self.name == "postgres":

@@ -33,8 +33,18 @@ def masked(value: Any) -> Any:
     return json.loads(redact(json.dumps(value, ensure_ascii=False)))
 
 
+class DryRun:
+    """`--dry-run`: no model call; each chat step prints the request it would send."""
+
+    kind = "dry-run"
+    calls_model = False
+
+
 class Recorder:
     """Opened at the first call it records: a flow that fails before any leaves an old recording alone."""
+
+    kind = "record"
+    calls_model = True
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -66,6 +76,9 @@ class Recorder:
 
 
 class Replayer:
+    kind = "replay"
+    calls_model = False
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self._records: list[dict[str, Any]] = []

@@ -89,8 +89,8 @@ class ChatCompletionStep(Step):
         from ..llm.stream import StreamError, StreamState
 
         p = ctx.props
-        mode = ctx.run.llm_mode  # None, "dry-run", or a Recorder / Replayer (flowrunner.llm.replay)
-        offline = mode == "dry-run" or type(mode).__name__ == "Replayer"
+        mode = ctx.run.llm_mode  # None, or a DryRun / Recorder / Replayer (flowrunner.llm.replay)
+        kind = mode.kind if mode is not None else None
         conn = ctx.resolved_connection()  # offline, the connection is never opened: no key needed
         model = p.get("model") if conn.type == "openai" else (p.get("deployment") or conn.config.get("deployment"))
         try:
@@ -104,7 +104,7 @@ class ChatCompletionStep(Step):
                 request[key] = p[key]
         state = StreamState()
         ctx.partial = lambda: state.outputs(partial=True)
-        if mode == "dry-run":
+        if kind == "dry-run":
             from ..llm.replay import comparable
 
             yield TextDelta(ctx.step_id, json.dumps({"step": ctx.step_id, "request": comparable(request)},
@@ -115,7 +115,7 @@ class ChatCompletionStep(Step):
         if mode is not None and not p.get("stream", True):
             raise StepFailed("--record and --replay work with streaming chat steps (stream: true)")
         try:
-            if offline:
+            if kind == "replay":
                 from ..llm.stream import replay_stream
 
                 chunks = mode.take(ctx.step_id, request)

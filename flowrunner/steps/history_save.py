@@ -103,7 +103,7 @@ class HistorySaveStep(Step):
             rows.append((mid, conversation, m["role"], _text(m["content"]), status, ctx.run.run_id,
                          json.dumps(meta, ensure_ascii=False) if meta else None))
             ids.append(mid)
-        if ctx.run.llm_mode is not None and type(ctx.run.llm_mode).__name__ != "Recorder":
+        if ctx.run.llm_mode is not None and not ctx.run.llm_mode.calls_model:
             # --dry-run / --replay: no model answered, so nothing is written; a replay stays repeatable.
             from ..events import Warning
 

@@ -125,10 +125,11 @@ async def embedder_for(spec: Mapping[str, Any], ctx: StepContext) -> Embedder:
     if spec.get("provider") == "local":
         return LocalEmbedder(spec.get("model") or DEFAULT_LOCAL_MODEL, min(batch, 64))
     mode = ctx.run.llm_mode
-    if type(mode).__name__ == "Replayer":  # --replay: the recorded vectors; the connection stays closed
+    kind = mode.kind if mode is not None else None
+    if kind == "replay":  # the recorded vectors; the connection stays closed
         return ReplayEmbedder(mode, ctx.step_id, spec["model"], spec.get("dimensions"))
     embedder = OpenAIEmbedder(await ctx.connection(spec["connection"]), spec["model"], spec.get("dimensions"), batch)
-    if type(mode).__name__ == "Recorder":
+    if kind == "record":
         return RecordingEmbedder(embedder, mode, ctx.step_id)
     return embedder
 
