@@ -62,6 +62,40 @@ def run(obj: dict[str, Any], flow: Path, pairs: tuple[str, ...], inputs_file: Pa
     return run_once(flow, pairs, inputs_file, connections_file, sink, output_format, obj, mode)
 
 
+_CONNECTIONS = click.option("--connections", "connections_file", type=click.Path(dir_okay=False, path_type=Path),
+                            help="Connections from a separate YAML file (they override the flow's own).")
+
+
+@cli.command()
+@click.argument("flow", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--inputs", "inputs_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="JSONL (one object per line) or CSV (a header row): one flow run per line or row.")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default=None,
+              help="The inputs file's format (default: from its extension; .csv/.tsv are CSV).")
+@click.option("--map", "maps", multiple=True, metavar="INPUT=COLUMN",
+              help="Feed a flow input from a column (or JSON key) of another name. Repeat for more.")
+@click.option("-i", "--input", "pairs", multiple=True, metavar="NAME=VALUE",
+              help="An input with the same value for every item (a row's own value wins).")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Results file, one JSON line per item (default: stdout).")
+@click.option("--concurrency", type=click.IntRange(1, 1000), default=4, show_default=True,
+              help="Items run at the same time.")
+@click.option("--rate-limit", "rate_limits", multiple=True, metavar="N rpm|N tpm",
+              help="Stay under the provider's limits: model requests and/or tokens per minute, e.g. 500rpm,200000tpm.")
+@click.option("--resume", is_flag=True, help="Keep the items already ok in --output; run the rest (and the failed).")
+@click.option("--fail-fast", is_flag=True, help="Stop at the first item that fails (default: keep going, exit 1).")
+@_CONNECTIONS
+@click.pass_obj
+def batch(obj: dict[str, Any], flow: Path, inputs_path: Path, fmt: str | None, maps: tuple[str, ...],
+          pairs: tuple[str, ...], output: Path | None, concurrency: int, rate_limits: tuple[str, ...], resume: bool,
+          fail_fast: bool, connections_file: Path | None) -> int:
+    """Run FLOW once per line of a JSONL file or row of a CSV file; results appended as items finish."""
+    from .batch.command import run_batch
+
+    return run_batch(flow, inputs_path, fmt, maps, pairs, output, concurrency, rate_limits, resume, fail_fast,
+                     connections_file, obj)
+
+
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["text", "json", "github"]), default="text",

@@ -16,9 +16,16 @@ def _redact(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, A
     return secrets.redact_value(event_dict)
 
 
-def configure(fmt: str | None = None, level: str | None = None) -> None:
+def _drop_run_chatter(_logger: Any, method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    if method in ("debug", "info") and "run_id" in event_dict:
+        raise structlog.DropEvent
+    return event_dict
+
+
+def configure(fmt: str | None = None, level: str | None = None, *, quiet_runs: bool = False) -> None:
     """fmt: console | json (default: console on a terminal). level: debug | info | warning | error
-    (default: info for machines, warning on a terminal so logs do not interleave with the answer)."""
+    (default: info for machines, warning on a terminal so logs do not interleave with the answer).
+    quiet_runs: drop the info lines from inside each run (a batch logs one line per item instead)."""
     tty = sys.stderr.isatty()
     fmt = fmt or ("console" if tty else "json")
     level = level or ("warning" if tty else "info")
@@ -28,6 +35,7 @@ def configure(fmt: str | None = None, level: str | None = None) -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            *([_drop_run_chatter] if quiet_runs else []),
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _redact,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+from collections.abc import Callable
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -113,11 +114,10 @@ def run_once(flow_path: Path, pairs: tuple[str, ...], inputs_file: Path | None, 
     return 0
 
 
-async def _drive(run: Any, sink: Sink) -> int | None:
-    """Feed the run's events to the sink. SIGTERM (cron, systemd) stops the run like Ctrl-C does:
-    the current step is cancelled, its streams closed."""
+def cancel_on_sigterm() -> Callable[[], bool]:
+    """SIGTERM (cron, systemd) stops the current task the way Ctrl-C does: it is cancelled, its streams
+    closed. Returns a check: was it SIGTERM?"""
     task = asyncio.current_task()
-    loop = asyncio.get_running_loop()
     terminated = False
 
     def on_term() -> None:
@@ -127,16 +127,22 @@ async def _drive(run: Any, sink: Sink) -> int | None:
             task.cancel()
 
     try:
-        loop.add_signal_handler(signal.SIGTERM, on_term)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_term)
     except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
         pass
+    return lambda: terminated
+
+
+async def _drive(run: Any, sink: Sink) -> int | None:
+    """Feed the run's events to the sink."""
+    terminated = cancel_on_sigterm()
     try:
         event: Event
         async with aclosing(run.events()) as events:
             async for event in events:
                 sink.handle(event)
     except asyncio.CancelledError:
-        if terminated:
+        if terminated():
             return EXIT_TERMINATED
         raise
     return None

@@ -59,7 +59,7 @@ async def open_openai(conn: ResolvedConnection, stack: AsyncExitStack) -> LLMCli
         api_key = KEYLESS  # local OpenAI-compatible servers (Ollama, vLLM, llama.cpp) take any key
     client = openai.AsyncOpenAI(
         api_key=api_key, base_url=base_url, organization=conn.config.get("organization"),
-        project=conn.config.get("project"), timeout=timeout, max_retries=retries,
+        project=conn.config.get("project"), timeout=timeout, max_retries=retries, http_client=_http_client(timeout),
     )
     stack.push_async_callback(client.close)
     return LLMClient(conn.name, "openai", client, idle, retries, where=_without_userinfo(str(client.base_url)),
@@ -83,11 +83,20 @@ async def open_azure_openai(conn: ResolvedConnection, stack: AsyncExitStack) -> 
     client = openai.AsyncAzureOpenAI(
         azure_endpoint=endpoint, api_key=api_key or None, azure_ad_token=None if api_key else token,
         api_version=conn.config.get("api_version") or DEFAULT_AZURE_API_VERSION,
-        timeout=timeout, max_retries=retries,
+        timeout=timeout, max_retries=retries, http_client=_http_client(timeout),
     )
     stack.push_async_callback(client.close)
     return LLMClient(conn.name, "azure_openai", client, idle, retries, conn.config.get("deployment"),
                      _without_userinfo(endpoint))
+
+
+def _http_client(timeout: Any) -> Any:
+    """The SDK's own HTTP client (its limits and redirects), with the batch rate limit's hook."""
+    import openai
+
+    from ..llm.limits import throttle
+
+    return openai.DefaultAsyncHttpx2Client(timeout=timeout, event_hooks={"request": [throttle]})
 
 
 def _without_userinfo(url: str) -> str:
