@@ -96,6 +96,45 @@ def batch(obj: dict[str, Any], flow: Path, inputs_path: Path, fmt: str | None, m
                      connections_file, obj)
 
 
+_MESSAGE_INPUT = click.option("--message-input", metavar="NAME",
+                              help="The flow input that takes the user's message (default: question, message, "
+                                   "prompt, query or input, or the one required string input).")
+
+
+@cli.command()
+@click.argument("flow", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--api-key", envvar="FLOWRUNNER_API_KEY", default=None,
+              help="Require this bearer key from clients (default: $FLOWRUNNER_API_KEY; none: open).")
+@click.option("--keepalive", type=click.FloatRange(min=0.1), default=15.0, show_default=True,
+              help="Seconds of silence before a keep-alive comment on a stream.")
+@_MESSAGE_INPUT
+@_CONNECTIONS
+@click.pass_obj
+def serve(obj: dict[str, Any], flow: Path, host: str, port: int, api_key: str | None, keepalive: float,
+          message_input: str | None, connections_file: Path | None) -> int:
+    """Serve FLOW as an OpenAI-compatible /v1/chat/completions (streaming or not)."""
+    from .serve.command import serve as run_server
+
+    return run_server(flow, host, port, connections_file, message_input, api_key, keepalive, obj)
+
+
+@cli.command()
+@click.argument("flow", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--conversation", "conversation_id", metavar="ID",
+              help="Continue this conversation (default: a new one; its id is printed).")
+@_MESSAGE_INPUT
+@_CONNECTIONS
+@click.pass_obj
+def chat(obj: dict[str, Any], flow: Path, conversation_id: str | None, message_input: str | None,
+         connections_file: Path | None) -> int:
+    """Talk to FLOW in the terminal: answers stream in; Ctrl-C stops an answer, Ctrl-D exits."""
+    from .chat import chat_loop
+
+    return chat_loop(flow, conversation_id, message_input, connections_file, obj)
+
+
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["text", "json", "github"]), default="text",

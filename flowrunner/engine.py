@@ -58,7 +58,8 @@ class StepContext:
 
 class Run:
     def __init__(self, flow: Flow, inputs: Mapping[str, Any], *, connections: Connections | None = None,
-                 run_id: str | None = None, env: Mapping[str, str] | None = None, llm_mode: Any = None) -> None:
+                 run_id: str | None = None, env: Mapping[str, str] | None = None, llm_mode: Any = None,
+                 client_history: list[dict[str, Any]] | None = None) -> None:
         self.flow = flow
         self.inputs = dict(inputs)
         self.run_id = run_id or uuid.uuid4().hex[:12]
@@ -70,6 +71,9 @@ class Run:
         self.outputs: dict[str, Any] = {}
         self.errors: list[FlowError] = []
         self.llm_mode = llm_mode  # None (live), or a flowrunner.llm.replay DryRun / Recorder / Replayer
+        # `serve`: the conversation a client sent with its request. history_load steps return it instead
+        # of reading their store, and history_save steps write nothing: the client keeps the conversation.
+        self.client_history = client_history
 
     @property
     def error(self) -> FlowError | None:
@@ -158,6 +162,7 @@ class Run:
         except (StepFailed, TimeoutError) as e:
             failure = self._failure(spec, _message(e, timeout),
                                     e.problems[0].hint if isinstance(e, StepFailed) else None, attempt)
+            failure.http_status = e.http_status if isinstance(e, StepFailed) else 504
         except refs.RefValueError as e:
             failure = self._failure(spec, str(e), "the reference resolved to nothing at run time", attempt)
         except FlowRuntimeError as e:

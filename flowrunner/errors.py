@@ -86,9 +86,10 @@ class FlowDefinitionError(FlowError):
 
 
 class FlowRuntimeError(FlowError):
-    """A step failed at run time: exit 1."""
+    """A step failed at run time: exit 1. `http_status` is what `serve` answers a client with."""
 
     exit_code = 1
+    http_status = 500
 
 
 class StepFailed(FlowRuntimeError):
@@ -103,10 +104,12 @@ class StepFailed(FlowRuntimeError):
         hint: str | None = None,
         outputs: dict[str, object] | None = None,
         retryable: bool = False,
+        http_status: int = 500,
     ) -> None:
         super().__init__(Problem(message, hint=hint))
         self.outputs = outputs or {}
         self.retryable = retryable
+        self.http_status = http_status
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str | None:

@@ -22,7 +22,7 @@ def api_error(e: Any, llm: Any) -> StreamError:
 
     if isinstance(e, openai.APITimeoutError):
         return StreamError(f"no response from {llm.where} within {llm.idle_timeout:g} s",
-                           "raise the connection's `timeout`, or check the server", retryable=True)
+                           "raise the connection's `timeout`, or check the server", retryable=True, status=504)
     if isinstance(e, openai.APIConnectionError):
         cause = e.__cause__ or e
         return StreamError(f"cannot reach {llm.where}: {type(cause).__name__}: {cause}",
@@ -32,7 +32,7 @@ def api_error(e: Any, llm: Any) -> StreamError:
         retries = f" after {llm.max_retries} retries" if llm.max_retries else ""
         if status == 429:
             return StreamError(f"rate limited (429){retries}: {text}",
-                               "lower the concurrency, or raise the connection's max_retries", retryable=True)
+                               "lower the concurrency, or raise the connection's max_retries", retryable=True, status=429)
         if status in (401, 403):
             hint = ("no API key was set, so none was sent: set the connection's api_key (e.g. OPENAI_API_KEY)"
                     if getattr(llm, "keyless", False) else "check the connection's API key")
@@ -43,5 +43,5 @@ def api_error(e: Any, llm: Any) -> StreamError:
                                + (" and api_version" if llm.kind == "azure_openai" else "") + " and the URL")
         if status >= 500:
             return StreamError(f"server error ({status}){retries}: {text}", retryable=True)
-        return StreamError(f"the request was rejected ({status}): {text}")
+        return StreamError(f"the request was rejected ({status}): {text}", status=400)
     return StreamError(f"{type(e).__name__}: {_server_message(e)}")

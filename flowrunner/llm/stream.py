@@ -21,11 +21,12 @@ DRAIN_SECONDS = 0.1
 
 
 class StreamError(Exception):
-    def __init__(self, message: str, hint: str | None = None, *, retryable: bool = False) -> None:
+    def __init__(self, message: str, hint: str | None = None, *, retryable: bool = False, status: int = 502) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
         self.retryable = retryable
+        self.status = status  # for `serve`'s clients: the model server misbehaved (502), timed out (504)...
 
 
 @dataclass
@@ -129,7 +130,8 @@ async def read_stream(response: Any, step_id: str, state: StreamState, idle_time
         raise StreamError(f"the event stream is broken: {e}") from None
     except httpx2.ReadTimeout:
         raise StreamError(f"the stream stalled: no data for {idle_timeout:g} s",
-                          "the connection's `timeout` sets the longest silence allowed", retryable=True) from None
+                          "the connection's `timeout` sets the longest silence allowed", retryable=True,
+                          status=504) from None
     except httpx2.TransportError as e:
         if state.finish_reason:
             return  # the answer and its finish_reason arrived: a cut before [DONE] is only a warning

@@ -133,7 +133,7 @@ class ChatCompletionStep(Step):
                     yield TextDelta(ctx.step_id, text)
         except StreamError as e:
             raise StepFailed(e.message, hint=e.hint, outputs=state.outputs(partial=True),
-                             retryable=e.retryable and not state.parts) from None
+                             retryable=e.retryable and not state.parts, http_status=e.status) from None
         if not state.finish_reason:
             raise StepFailed("the stream ended before the model finished (no finish_reason)",
                              hint="the server closed the connection early", outputs=state.outputs(partial=True),

@@ -44,10 +44,13 @@ class HistoryLoadStep(Step):
 
     async def run(self, ctx: StepContext) -> AsyncIterator[Event | Outputs]:
         p = ctx.props
-        store, table = await access.open_store(ctx)
-        rows = await access.guarded(store.load(table, p["conversation_id"], int(p.get("max_messages", 20))),
-                                    table, store)
-        messages = [{"role": role, "content": content} for _seq, role, content, _status in reversed(rows)]
+        limit = int(p.get("max_messages", 20))
+        if ctx.run.client_history is not None:  # `serve`: the messages the client sent (see Run)
+            messages = list(ctx.run.client_history[-limit:])
+        else:
+            store, table = await access.open_store(ctx)
+            rows = await access.guarded(store.load(table, p["conversation_id"], limit), table, store)
+            messages = [{"role": role, "content": content} for _seq, role, content, _status in reversed(rows)]
         outputs: dict[str, Any] = {"dropped": 0, "tokens": None}
         if p.get("max_tokens") is not None:
             import asyncio

@@ -110,6 +110,9 @@ class HistorySaveStep(Step):
             yield Warning(ctx.step_id, "not saved: the model was not called (--dry-run or --replay)")
             yield Outputs({"message_ids": ids, "count": 0, "status": status})
             return
+        if ctx.run.client_history is not None:  # `serve` with no conversation named: the client keeps it
+            yield Outputs({"message_ids": ids, "count": 0, "status": status})
+            return
         store, table = await access.open_store(ctx)
         await access.guarded(store.save(table, conversation, rows), table, store)
         yield Outputs({"message_ids": ids, "count": len(rows), "status": status})

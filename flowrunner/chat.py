@@ -1,0 +1,98 @@
+"""`flowrunner chat FLOW`: a conversation in the terminal. One event loop and one set of connections
+for the whole session; each line is a run whose answer streams to stdout. Ctrl-C stops the answer
+(its model stream is closed) and the conversation goes on; Ctrl-D or /exit ends it."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import uuid
+from contextlib import aclosing
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import EXIT_OK
+
+
+def chat_loop(flow_path: Path, conversation_id: str | None, message_input: str | None,
+              connections_file: Path | None, obj: dict[str, Any]) -> int:
+    from . import logs
+    from .connections.pool import Connections
+    from .conversation import ChatInputs
+    from .flow.build import load_connections_file, load_flow
+
+    flow = load_flow(flow_path, load_connections_file(connections_file) if connections_file else None)
+    chat = ChatInputs.of(flow, message_input)
+    conversation = conversation_id or f"chat-{uuid.uuid4().hex[:12]}"
+    logs.configure(obj.get("log_format"), obj.get("log_level"), quiet_runs=obj.get("log_level") is None)
+    tty = sys.stdin.isatty()
+    if tty:
+        import readline  # noqa: F401 - line editing and history for input()
+
+        where = (f"conversation {conversation} (continue it later with --conversation {conversation})"
+                 if chat.keeps_history else "this conversation lives as long as the session")
+        click.echo(f"{flow.name}: {where}. Ctrl-C stops an answer, Ctrl-D exits.", err=True)
+    earlier: list[dict[str, Any]] = []  # the turns so far, for flows that keep no history of their own
+    with asyncio.Runner() as runner:
+        connections = Connections(flow)
+        try:
+            while True:
+                try:
+                    text = input("you> " if tty else "")
+                except EOFError:
+                    break
+                except KeyboardInterrupt:  # at the prompt: a fresh line, like Python's own REPL
+                    click.echo("", err=True)
+                    continue
+                if text.strip() in ("/exit", "/quit"):
+                    break
+                if not text.strip():
+                    continue
+                try:
+                    answer = runner.run(_turn(chat, connections, text, conversation, earlier, obj))
+                except KeyboardInterrupt:  # the run was cancelled, its stream closed: on to the next line
+                    click.echo("\n(stopped)", err=True)
+                    continue
+                if answer is not None:
+                    earlier += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+        finally:
+            runner.run(connections.__aexit__(None, None, None))
+    if tty:
+        click.echo("", err=True)
+    return EXIT_OK
+
+
+async def _turn(chat: Any, connections: Any, text: str, conversation: str, earlier: list[dict[str, Any]],
+                obj: dict[str, Any]) -> str | None:
+    """Runs the flow for one message; streams the answer; returns it, or None when the run failed."""
+    from .cli import print_error
+    from .engine import Run
+    from .errors import FlowDefinitionError
+    from .sinks.stdout import StdoutSink
+
+    try:
+        inputs, client_history = chat.turn(text, conversation_id=conversation, earlier=earlier)
+    except FlowDefinitionError as e:
+        print_error(e, obj.get("debug", False))
+        return None
+    run = Run(chat.flow, inputs, connections=connections, client_history=client_history)
+    sink = StdoutSink()
+    parts: list[str] = []
+    async with aclosing(run.events()) as events:
+        async for event in events:
+            sink.handle(event)
+            if event.kind == "text":
+                parts.append(event.text)  # type: ignore[attr-defined]
+    if not parts and run.outputs:  # a flow without a chat step: its outputs are the answer
+        from .refs import to_text
+
+        outputs = run.outputs
+        parts.append(to_text(next(iter(outputs.values())) if len(outputs) == 1 else outputs))
+        sink.stream.write(parts[0])
+        sink._last = parts[0][-1:] or "\n"
+    sink.close()
+    for error in run.errors:
+        print_error(error, obj.get("debug", False))
+    return None if run.errors else "".join(parts)

@@ -1,0 +1,72 @@
+"""How a chat turn becomes a flow's inputs, for `serve` and `chat`.
+
+The user's message goes to the flow's message input (`question`, `message`, `prompt`, `query`,
+`input`, or the one required string input). The earlier turns reach the flow one of two ways:
+- a named conversation: its id goes to the flow's `conversation_id` input, and the flow's own
+  history steps load and save it (the store holds the conversation);
+- otherwise the client's messages are the conversation: they go to an array input named `history`
+  (or `messages`) if the flow has one, and history_load steps return them instead of reading their
+  store, while history_save steps write nothing (see engine.Run.client_history).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import FlowDefinitionError
+from .flow.inputs import resolve_inputs
+from .flow.model import Flow
+
+MESSAGE_INPUTS = ("question", "message", "prompt", "user_prompt", "query", "input")
+CONVERSATION_INPUT = "conversation_id"
+HISTORY_INPUTS = ("history", "messages")
+
+
+@dataclass(frozen=True)
+class ChatInputs:
+    flow: Flow
+    message: str  # the input that takes the user's message
+    conversation: str | None  # the input that takes a conversation id
+    history: str | None  # an array input that takes the earlier messages
+
+    @classmethod
+    def of(cls, flow: Flow, message_input: str | None = None) -> ChatInputs:
+        inputs = flow.inputs
+        if message_input is not None:
+            if inputs.get(message_input) is None or inputs[message_input].type != "string":
+                raise FlowDefinitionError.at(f"--message-input {message_input}: the flow has no string input of that name",
+                                             hint=f"its inputs: {', '.join(inputs) or 'none'}")
+            name = message_input
+        else:
+            named = [n for n in MESSAGE_INPUTS if n in inputs and inputs[n].type == "string"]
+            required = [n for n, s in inputs.items() if s.type == "string" and not s.has_default]
+            if not named and len(required) != 1:
+                raise FlowDefinitionError.at(
+                    f"flow '{flow.name}' has no input for the user's message",
+                    hint="name a string input `question` (or message, prompt, query), or pass --message-input NAME")
+            name = named[0] if named else required[0]
+        conversation = CONVERSATION_INPUT if getattr(inputs.get(CONVERSATION_INPUT), "type", None) == "string" else None
+        history = next((n for n in HISTORY_INPUTS if getattr(inputs.get(n), "type", None) == "array"), None)
+        return cls(flow, name, conversation, history)
+
+    def turn(self, text: str, *, conversation_id: str | None = None, earlier: list[dict[str, Any]] | None = None,
+             extra: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
+        """(the flow's inputs, the client history for Run) for one user message. Raises
+        FlowDefinitionError when `extra` inputs are unknown or of the wrong type."""
+        given: dict[str, Any] = dict(extra or {})
+        given[self.message] = text
+        client_history: list[dict[str, Any]] | None = None
+        if conversation_id is not None and self.conversation:
+            given[self.conversation] = conversation_id
+        if conversation_id is None or not self.keeps_history:
+            client_history = list(earlier or [])
+            if self.history:
+                given[self.history] = client_history
+        return resolve_inputs(self.flow, given), client_history
+
+    @property
+    def keeps_history(self) -> bool:
+        """True when a conversation id is enough: the flow's history steps keep the conversation."""
+        return self.conversation is not None and any(s.type == "history_load" for s in self.flow.steps)

@@ -1,0 +1,69 @@
+"""One request's run of the flow, in its own task: its text deltas queued for the response the moment
+they arrive, its usage, finish_reason and failure kept for the end."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import aclosing, suppress
+from typing import Any
+
+from ..engine import Run
+from ..errors import FlowError
+from ..events import StepFinished, TextDelta, Usage
+
+END = None  # queued when the run is over
+
+
+class Answer:
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.queue: asyncio.Queue[str | None] = asyncio.Queue()
+        self.parts: list[str] = []
+        self.usage: dict[str, int] = {}
+        self.finish_reason: str | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> Answer:
+        self.task = asyncio.create_task(self._pump(), name=f"flowrunner run {self.run.run_id}")
+        return self
+
+    async def _pump(self) -> None:
+        try:
+            async with aclosing(self.run.events()) as events:
+                async for event in events:
+                    kind = type(event)
+                    if kind is TextDelta:
+                        self.parts.append(event.text)  # type: ignore[attr-defined]
+                        self.queue.put_nowait(event.text)  # type: ignore[attr-defined]
+                    elif kind is Usage:
+                        for key, value in event.usage.items():  # type: ignore[attr-defined]
+                            if isinstance(value, int):
+                                self.usage[key] = self.usage.get(key, 0) + value
+                    elif kind is StepFinished and event.outputs.get("finish_reason"):  # type: ignore[attr-defined]
+                        self.finish_reason = str(event.outputs["finish_reason"])  # type: ignore[attr-defined]
+        finally:
+            self.queue.put_nowait(END)
+
+    async def wait(self) -> None:
+        if self.task is not None:
+            await asyncio.shield(self.task)
+
+    async def cancel(self) -> None:
+        """The client went away: stop the run (its model stream is closed on the way out)."""
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+            with suppress(asyncio.CancelledError):
+                await self.task
+
+    @property
+    def failure(self) -> FlowError | None:
+        return self.run.error
+
+    @property
+    def text(self) -> str:
+        if self.parts:
+            return "".join(self.parts)
+        from ..refs import to_text  # a flow with no chat step: its outputs are the answer
+
+        outputs: dict[str, Any] = self.run.outputs
+        return to_text(next(iter(outputs.values()))) if len(outputs) == 1 else to_text(outputs) if outputs else ""

@@ -1,0 +1,247 @@
+"""`flowrunner serve`: the flow as an OpenAI-compatible chat-completions endpoint (Starlette).
+
+POST /v1/chat/completions   stream true (SSE) or false; the flow's text deltas become chunks at once
+GET  /v1/models             the served flow, as a model
+GET  /healthz               liveness
+
+A client that disconnects cancels its run, which closes the model's stream upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .. import secrets
+from ..conversation import ChatInputs
+from ..engine import Run
+from ..errors import FlowDefinitionError, FlowError
+from .answer import END, Answer
+from .openai_api import DONE, KEEPALIVE, BadRequest, Shapes, error_body, parse_request
+
+log = structlog.get_logger("flowrunner.serve")
+
+SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+               (b"x-accel-buffering", b"no")]  # nginx and friends: pass each chunk on, do not buffer
+CLIENT_GONE = 499  # nginx's code for "the client closed the request"; only ever in our logs
+
+
+@dataclass
+class Served:
+    chat: ChatInputs
+    connections: Any  # connections.pool.Connections, shared by every request
+    api_key: str | None = None
+    keepalive: float = 15.0  # seconds of silence before a `: keep-alive` comment
+    started: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.chat.flow.name
+
+
+def create_app(served: Served) -> Starlette:
+    served.started = served.started or int(time.time())
+
+    async def models(request: Request) -> Response:
+        _authorize(request, served)
+        return JSONResponse({"object": "list", "data": [_model(served)]})
+
+    async def model(request: Request) -> Response:
+        _authorize(request, served)
+        if request.path_params["model"] != served.name:
+            raise BadRequest(f"The model '{request.path_params['model']}' does not exist", "model", 404,
+                             code="model_not_found")
+        return JSONResponse(_model(served))
+
+    async def healthz(_request: Request) -> Response:
+        return JSONResponse({"status": "ok", "flow": served.name})
+
+    async def completions(request: Request) -> Response:
+        _authorize(request, served)
+        try:
+            body = await request.json()
+        except ValueError:
+            raise BadRequest("the request body is not valid JSON") from None
+        req = parse_request(body, request.headers.get("x-conversation-id"))
+        try:
+            inputs, client_history = served.chat.turn(req.text, conversation_id=req.conversation_id,
+                                                      earlier=req.earlier, extra=req.inputs)
+        except FlowDefinitionError as e:
+            raise BadRequest("; ".join(p.message for p in e.problems), "inputs") from None
+        run = Run(served.chat.flow, inputs, connections=served.connections, client_history=client_history)
+        shapes = Shapes(req.model or served.name)
+        answer = Answer(run).start()
+        gone = asyncio.create_task(_disconnected(request))
+        started = time.monotonic()
+        try:
+            if req.stream:
+                first = await _first(answer, gone, served.keepalive)
+            else:
+                await asyncio.wait({answer.task, gone}, return_when=asyncio.FIRST_COMPLETED)  # type: ignore[arg-type]
+                first = END
+            if gone.done():
+                await answer.cancel()
+                _log(run, CLIENT_GONE, req.stream, started)
+                return Response(status_code=CLIENT_GONE)
+            if first is END:
+                await answer.wait()
+                if answer.failure is not None and not answer.parts:
+                    status, payload = _failure(answer.failure)
+                    _log(run, status, req.stream, started)
+                    return JSONResponse(payload, status)
+                if not req.stream:
+                    _log(run, 200, False, started)
+                    return JSONResponse(shapes.completion(answer.text, answer.finish_reason or "stop", answer.usage))
+        except BaseException:
+            gone.cancel()
+            await answer.cancel()
+            raise
+        return EventStream(answer, shapes, first, gone, req.include_usage, served.keepalive, started)
+
+    async def bad_request(_request: Request, exc: Exception) -> Response:
+        if not isinstance(exc, BadRequest):  # registered for BadRequest only
+            raise exc
+        return JSONResponse(exc.body(), exc.status)
+
+    async def http_error(_request: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 500)
+        message = "Not found: flowrunner serves /v1/chat/completions, /v1/models and /healthz" if status == 404 \
+            else str(getattr(exc, "detail", "")) or "error"
+        return JSONResponse(error_body(message, "invalid_request_error"), status)
+
+    return Starlette(
+        routes=[Route("/v1/chat/completions", completions, methods=["POST"]),
+                Route("/v1/models", models, methods=["GET"]),
+                Route("/v1/models/{model:path}", model, methods=["GET"]),
+                Route("/healthz", healthz, methods=["GET"])],
+        exception_handlers={BadRequest: bad_request, HTTPException: http_error},
+    )
+
+
+class EventStream(Response):
+    """The SSE body: the role chunk, a chunk per delta as it comes (deltas that queued up while the
+    previous write went out share one write), keep-alive comments in silences, then the finish chunk,
+    usage when asked, and [DONE]. A failure after the first byte is an `error` event (the SDKs raise it)."""
+
+    def __init__(self, answer: Answer, shapes: Shapes, first: str | None | object, gone: asyncio.Task[None],
+                 include_usage: bool, keepalive: float, started: float) -> None:
+        super().__init__()
+        self.answer, self.shapes, self.first, self.gone = answer, shapes, first, gone
+        self.include_usage, self.keepalive, self.started = include_usage, keepalive, started
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        body = asyncio.create_task(self._body(send))
+        status = 200
+        try:
+            await asyncio.wait({body, self.gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not body.done():  # the client went away: stop the run, which closes the model stream
+                status = CLIENT_GONE
+                body.cancel()
+                with suppress(asyncio.CancelledError, OSError):
+                    await body
+            else:
+                with suppress(OSError):  # a client that left mid-write
+                    body.result()
+        finally:
+            self.gone.cancel()
+            body.cancel()
+            await self.answer.cancel()
+            _log(self.answer.run, status, True, self.started)
+
+    async def _body(self, send: Any) -> None:
+        answer, shapes, queue = self.answer, self.shapes, self.answer.queue
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [*SSE_HEADERS, (b"x-flowrunner-run-id", answer.run.run_id.encode())]})
+        data = shapes.role_chunk()
+        item = self.first
+        while True:
+            if isinstance(item, str):
+                data += shapes.content_chunk(item)
+                while not queue.empty():
+                    item = queue.get_nowait()
+                    if item is END:
+                        break
+                    data += shapes.content_chunk(item)
+            if data:
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+                data = b""
+            if item is END:
+                break
+            try:
+                async with asyncio.timeout(self.keepalive):
+                    item = await queue.get()
+            except TimeoutError:
+                item, data = _WAITING, KEEPALIVE
+        await answer.wait()
+        failure = answer.failure
+        if failure is not None:
+            status, payload = _failure(failure)
+            error = payload["error"]
+            tail = shapes.error_event(error["message"], error["type"], error["code"] or status)
+        else:
+            tail = shapes.finish_chunk(answer.finish_reason or "stop")
+            if self.include_usage:
+                tail += shapes.usage_chunk(answer.usage)
+            tail += DONE
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
+
+
+_WAITING = object()  # no delta yet: the response has started, the run has not spoken
+
+
+async def _first(answer: Answer, gone: asyncio.Task[None], wait: float) -> str | None | object:
+    """The first delta, END, or _WAITING after `wait` seconds (the response then starts, so keep-alive
+    comments can hold the connection open through a slow retrieval). Until then a failure can still
+    be a proper HTTP error status."""
+    get = asyncio.ensure_future(answer.queue.get())
+    try:
+        await asyncio.wait({get, gone}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not get.done():
+            get.cancel()
+    return get.result() if get.done() and not get.cancelled() else _WAITING
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body was read already, so only that message is left)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _authorize(request: Request, served: Served) -> None:
+    if served.api_key is None:
+        return
+    given = request.headers.get("authorization", "")
+    scheme, _, token = given.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), served.api_key.encode()):
+        raise BadRequest("Incorrect API key provided" if given else "Missing API key: send Authorization: Bearer KEY",
+                         None, 401, code="invalid_api_key")
+
+
+def _failure(error: FlowError) -> tuple[int, dict[str, Any]]:
+    status = getattr(error, "http_status", 500)
+    if isinstance(error, FlowDefinitionError):
+        status = 500  # the flow's own set-up (a missing env var...), not the client's request
+    kind = {400: "invalid_request_error", 429: "rate_limit_exceeded"}.get(status, "server_error")
+    message = secrets.redact("; ".join(p.message for p in error.problems))
+    return status, error_body(message, kind, None, "rate_limit_exceeded" if status == 429 else None)
+
+
+def _model(served: Served) -> dict[str, Any]:
+    return {"id": served.name, "object": "model", "created": served.started, "owned_by": "flowrunner"}
+
+
+def _log(run: Run, status: int, stream: bool, started: float) -> None:
+    log.info("request", run_id=run.run_id, status=status, stream=stream,
+             duration=round(time.monotonic() - started, 3))

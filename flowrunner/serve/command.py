@@ -1,0 +1,65 @@
+"""`flowrunner serve FLOW`: check the flow, open its connections, bind the port, then hand the
+socket to uvicorn. Anything wrong with the set-up is a clear error before the first request."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import FlowDefinitionError
+
+
+def serve(flow_path: Path, host: str, port: int, connections_file: Path | None, message_input: str | None,
+          api_key: str | None, keepalive: float, obj: dict[str, Any]) -> int:
+    from .. import logs
+    from ..conversation import ChatInputs
+    from ..flow.build import load_connections_file, load_flow
+
+    flow = load_flow(flow_path, load_connections_file(connections_file) if connections_file else None)
+    chat = ChatInputs.of(flow, message_input)
+    api_key = api_key or os.environ.get("FLOWRUNNER_API_KEY") or None
+    if api_key:
+        from .. import secrets
+
+        secrets.register(api_key)
+    sock = _bind(host, port)
+    logs.configure(obj.get("log_format"), obj.get("log_level"), quiet_runs=obj.get("log_level") is None)
+    asyncio.run(_serve(chat, sock, api_key, keepalive))
+    return 0
+
+
+async def _serve(chat: Any, sock: socket.socket, api_key: str | None, keepalive: float) -> None:
+    import uvicorn
+
+    from ..connections.pool import Connections
+    from .app import Served, create_app
+
+    async with Connections(chat.flow) as connections:
+        for name in chat.flow.connections:  # open them now: a wrong setting fails here, not per request
+            await connections.get(name)
+        app = create_app(Served(chat, connections, api_key, keepalive))
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=10, ws="none")
+        host, port = sock.getsockname()[:2]
+        where = f"http://{'[' + host + ']' if ':' in host else host}:{port}/v1"
+        click.echo(f"serving flow '{chat.flow.name}' at {where} (model '{chat.flow.name}'); Ctrl-C stops", err=True)
+        await uvicorn.Server(config).serve(sockets=[sock])
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(info[0], socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(info[4])
+        sock.listen(2048)
+    except OSError as e:
+        raise FlowDefinitionError.at(f"cannot listen on {host}:{port}: {e.strerror or e}",
+                                     hint="is another server on that port? choose one with --port") from None
+    sock.set_inheritable(True)
+    return sock

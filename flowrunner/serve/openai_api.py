@@ -1,0 +1,135 @@
+"""The OpenAI chat-completions protocol, server side: a request checked and read, and the exact
+response, chunk and error shapes (shared/reference/openai-streaming-wire-format.md)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+ROLES = {"system", "developer", "user", "assistant", "tool"}
+DONE = b"data: [DONE]\n\n"
+KEEPALIVE = b": keep-alive\n\n"
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 type_: str = "invalid_request_error", code: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.param, self.status, self.type, self.code = message, param, status, type_, code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | int | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    text: str  # the last user message
+    earlier: list[dict[str, str]]  # the messages before it, as {role, content}
+    model: str | None
+    stream: bool
+    include_usage: bool
+    conversation_id: str | None
+    inputs: Mapping[str, Any] = field(default_factory=dict)  # extra flow inputs (`inputs` in the body)
+
+
+def _text(content: Any, where: str) -> str | None:
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for i, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise BadRequest(f"only text content parts are supported, got {kind!r}", f"{where}.content[{i}]")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise BadRequest("content must be a string or a list of text parts", f"{where}.content")
+
+
+def parse_request(body: Any, conversation_header: str | None = None) -> ChatRequest:
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty array of {role, content} messages", "messages")
+    parsed: list[dict[str, Any]] = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise BadRequest(f"messages[{i}] needs a role: one of {', '.join(sorted(ROLES))}", f"messages[{i}].role")
+        parsed.append({"role": m["role"], "content": _text(m.get("content"), f"messages[{i}]")})
+    last = parsed[-1]
+    if last["role"] != "user" or not last["content"]:
+        raise BadRequest("the last message must be the user's, with text (role: user)", f"messages[{len(parsed) - 1}]")
+    for key, kind in (("stream", bool), ("model", str), ("conversation_id", str), ("inputs", dict),
+                      ("stream_options", dict), ("metadata", dict)):
+        if body.get(key) is not None and not isinstance(body[key], kind):
+            raise BadRequest(f"'{key}' must be a {'boolean' if kind is bool else 'string' if kind is str else 'object'}",
+                             key)
+    if body.get("n") not in (None, 1):
+        raise BadRequest("only n=1 is supported", "n")
+    conversation = body.get("conversation_id") or (body.get("metadata") or {}).get("conversation_id") or conversation_header
+    if conversation is not None and (not isinstance(conversation, str) or not conversation.strip()):
+        raise BadRequest("conversation_id must be a non-empty string", "conversation_id")
+    earlier = [{"role": m["role"], "content": m["content"]} for m in parsed[:-1]
+               if m["role"] in ("system", "developer", "user", "assistant") and m["content"]]
+    return ChatRequest(last["content"], earlier, body.get("model"), bool(body.get("stream")),
+                       bool((body.get("stream_options") or {}).get("include_usage")), conversation,
+                       body.get("inputs") or {})
+
+
+class Shapes:
+    """The response shapes of one completion: one id, one `created`, one model name."""
+
+    def __init__(self, model: str) -> None:
+        self.id = "chatcmpl-" + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.model = model
+        head = _dumps({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": model,
+                       "system_fingerprint": None})[:-1]
+        # A content chunk is the bulk of the traffic: built from two fixed halves around the text.
+        self._content_head = ("data: " + head + ',"choices":[{"index":0,"delta":{"content":').encode()
+        self._content_tail = b'},"logprobs":null,"finish_reason":null}]}\n\n'
+        self._head = head
+
+    def role_chunk(self) -> bytes:
+        return self._chunk({"role": "assistant", "content": "", "refusal": None}, None)
+
+    def content_chunk(self, text: str) -> bytes:
+        return self._content_head + json.dumps(text, ensure_ascii=False).encode() + self._content_tail
+
+    def finish_chunk(self, finish_reason: str) -> bytes:
+        return self._chunk({}, finish_reason)
+
+    def usage_chunk(self, usage: Mapping[str, Any] | None) -> bytes:
+        return f"data: {self._head},\"choices\":[],\"usage\":{_dumps(usage_or_zero(usage))}}}\n\n".encode()
+
+    def error_event(self, message: str, type_: str, code: int | str | None) -> bytes:
+        return f"data: {_dumps(error_body(message, type_, None, code))}\n\n".encode()
+
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return f"data: {self._head},\"choices\":[{_dumps(choice)}]}}\n\n".encode()
+
+    def completion(self, text: str, finish_reason: str, usage: Mapping[str, Any] | None) -> dict[str, Any]:
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None,
+                                                     "annotations": []},
+                             "logprobs": None, "finish_reason": finish_reason}],
+                "usage": usage_or_zero(usage), "system_fingerprint": None}
+
+
+def usage_or_zero(usage: Mapping[str, Any] | None) -> dict[str, Any]:
+    base = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    return {**base, **(usage or {})}
