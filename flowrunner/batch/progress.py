@@ -123,4 +123,4 @@ class BarReporter:
 
     def finish(self, stopped: str | None = None) -> None:
         self.progress.stop()
-        self.console.print(summary_text(self.tally.summary(stopped), self.output), highlight=False)
+        self.console.print(summary_text(self.tally.summary(stopped), self.output), highlight=False, soft_wrap=True)
