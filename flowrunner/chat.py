@@ -13,10 +13,10 @@ from typing import Any
 
 import click
 
-from .errors import EXIT_OK
+from .errors import EXIT_FAILED, EXIT_OK
 
 
-def chat_loop(flow_path: Path, conversation_id: str | None, message_input: str | None,
+def chat_loop(flow_path: Path, conversation_id: str | None, extra: dict[str, str], message_input: str | None,
               connections_file: Path | None, obj: dict[str, Any]) -> int:
     from . import logs
     from .connections.pool import Connections
@@ -34,7 +34,9 @@ def chat_loop(flow_path: Path, conversation_id: str | None, message_input: str |
         where = (f"conversation {conversation} (continue it later with --conversation {conversation})"
                  if chat.keeps_history else "this conversation lives as long as the session")
         click.echo(f"{flow.name}: {where}. Ctrl-C stops an answer, Ctrl-D exits.", err=True)
+    chat.turn("check", conversation_id=conversation, extra=extra, extra_is_text=True)  # wrong inputs: exit 2 now
     earlier: list[dict[str, Any]] = []  # the turns so far, for flows that keep no history of their own
+    failed = False
     with asyncio.Runner() as runner:
         connections = Connections(flow)
         try:
@@ -51,32 +53,29 @@ def chat_loop(flow_path: Path, conversation_id: str | None, message_input: str |
                 if not text.strip():
                     continue
                 try:
-                    answer = runner.run(_turn(chat, connections, text, conversation, earlier, obj))
+                    answer = runner.run(_turn(chat, connections, text, conversation, earlier, extra, obj))
                 except KeyboardInterrupt:  # the run was cancelled, its stream closed: on to the next line
                     click.echo("\n(stopped)", err=True)
                     continue
+                failed = failed or answer is None
                 if answer is not None:
                     earlier += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
         finally:
             runner.run(connections.__aexit__(None, None, None))
     if tty:
         click.echo("", err=True)
-    return EXIT_OK
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 async def _turn(chat: Any, connections: Any, text: str, conversation: str, earlier: list[dict[str, Any]],
-                obj: dict[str, Any]) -> str | None:
+                extra: dict[str, str], obj: dict[str, Any]) -> str | None:
     """Runs the flow for one message; streams the answer; returns it, or None when the run failed."""
     from .cli import print_error
     from .engine import Run
-    from .errors import FlowDefinitionError
     from .sinks.stdout import StdoutSink
 
-    try:
-        inputs, client_history = chat.turn(text, conversation_id=conversation, earlier=earlier)
-    except FlowDefinitionError as e:
-        print_error(e, obj.get("debug", False))
-        return None
+    inputs, client_history = chat.turn(text, conversation_id=conversation, earlier=earlier, extra=extra,
+                                       extra_is_text=True)
     run = Run(chat.flow, inputs, connections=connections, client_history=client_history)
     sink = StdoutSink()
     parts: list[str] = []

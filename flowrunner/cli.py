@@ -124,15 +124,19 @@ def serve(obj: dict[str, Any], flow: Path, host: str, port: int, api_key: str | 
 @click.argument("flow", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--conversation", "conversation_id", metavar="ID",
               help="Continue this conversation (default: a new one; its id is printed).")
+@click.option("-i", "--input", "pairs", multiple=True, metavar="NAME=VALUE",
+              help="Another flow input, the same for every message (e.g. -i model=gpt-4o).")
 @_MESSAGE_INPUT
 @_CONNECTIONS
 @click.pass_obj
-def chat(obj: dict[str, Any], flow: Path, conversation_id: str | None, message_input: str | None,
-         connections_file: Path | None) -> int:
-    """Talk to FLOW in the terminal: answers stream in; Ctrl-C stops an answer, Ctrl-D exits."""
+def chat(obj: dict[str, Any], flow: Path, conversation_id: str | None, pairs: tuple[str, ...],
+         message_input: str | None, connections_file: Path | None) -> int:
+    """Talk to FLOW in the terminal: answers stream in; Ctrl-C stops an answer, Ctrl-D exits
+    (exit 1 if any answer failed)."""
     from .chat import chat_loop
+    from .runner import parse_pairs
 
-    return chat_loop(flow, conversation_id, message_input, connections_file, obj)
+    return chat_loop(flow, conversation_id, parse_pairs(pairs), message_input, connections_file, obj)
 
 
 @cli.command()

@@ -52,9 +52,11 @@ class ChatInputs:
         return cls(flow, name, conversation, history)
 
     def turn(self, text: str, *, conversation_id: str | None = None, earlier: list[dict[str, Any]] | None = None,
-             extra: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
+             extra: Mapping[str, Any] | None = None, extra_is_text: bool = False,
+             ) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
         """(the flow's inputs, the client history for Run) for one user message. Raises
-        FlowDefinitionError when `extra` inputs are unknown or of the wrong type."""
+        FlowDefinitionError when `extra` inputs are unknown or of the wrong type (`extra_is_text`:
+        they are command-line text, to parse as their declared types)."""
         given: dict[str, Any] = dict(extra or {})
         given[self.message] = text
         client_history: list[dict[str, Any]] | None = None
@@ -64,7 +66,8 @@ class ChatInputs:
             client_history = list(earlier or [])
             if self.history:
                 given[self.history] = client_history
-        return resolve_inputs(self.flow, given), client_history
+        text = frozenset(extra or ()) if extra_is_text else frozenset()
+        return resolve_inputs(self.flow, given, from_text=text), client_history
 
     @property
     def keeps_history(self) -> bool:

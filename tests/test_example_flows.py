@@ -54,3 +54,21 @@ def test_the_azure_seed_example_with_sql_server_history(pg, llm) -> None:
     assert "(source: ../docs/" in messages[3]["content"]
     assert any(r.path == "/openai/deployments/text-embedding-3-small/embeddings" for r in llm.embedding_requests)
     assert len(pg.execute("SELECT 1 FROM chat_history WHERE conversation_id = 'az'")) == 4
+
+
+def test_the_scheduled_batch_example_runs_its_sample_data(llm, tmp_path) -> None:
+    llm.responder = lambda request: Reply(text="billing: charged twice" if "charged" in
+                                          request.json["messages"][-1]["content"] else "other: no idea")
+    out = tmp_path / "triage.jsonl"
+    args = ("batch", "flows/triage_tickets.yaml", "--inputs", "flows/data/tickets.csv", "--map", "ticket=body",
+            "--output", str(out), "--resume")
+    env = {"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": llm.base_url}
+    r = run_cli(*args, env=env)
+    assert r.returncode == 0, r.stderr
+    records = sorted((json.loads(line) for line in out.read_text().splitlines()), key=lambda rec: rec["index"])
+    assert [rec["outputs"]["ticket_id"] for rec in records] == [f"T-100{i}" for i in range(1, 7)]
+    assert records[0]["outputs"]["triage"] == "billing: charged twice"
+    assert records[5]["inputs"]["ticket"] == 'Search returns no results for words with accents, like "café".'
+    assert len(llm.chat_requests) == 6
+    again = run_cli(*args, env=env)  # the cron line run twice: nothing is asked again
+    assert again.returncode == 0 and len(llm.chat_requests) == 6 and len(out.read_text().splitlines()) == 6
