@@ -84,6 +84,7 @@ def create_app(served: Served) -> Starlette:
         answer = Answer(run).start()
         gone = asyncio.create_task(_disconnected(request))
         started = time.monotonic()
+        handed_over = False
         try:
             if req.stream:
                 first = await _first(answer, gone, served.keepalive)
@@ -103,11 +104,12 @@ def create_app(served: Served) -> Starlette:
                 if not req.stream:
                     _log(run, 200, False, started)
                     return JSONResponse(shapes.completion(answer.text, answer.finish_reason or "stop", answer.usage))
-        except BaseException:
-            gone.cancel()
-            await answer.cancel()
-            raise
-        return EventStream(answer, shapes, first, gone, req.include_usage, served.keepalive, started)
+            handed_over = True  # the stream owns the run and the disconnect watch from here
+            return EventStream(answer, shapes, first, gone, req.include_usage, served.keepalive, started)
+        finally:
+            if not handed_over:
+                gone.cancel()
+                await answer.cancel()
 
     async def bad_request(_request: Request, exc: Exception) -> Response:
         if not isinstance(exc, BadRequest):  # registered for BadRequest only
@@ -185,6 +187,8 @@ class EventStream(Response):
                 item, data = _WAITING, KEEPALIVE
         await answer.wait()
         failure = answer.failure
+        if failure is None and not answer.parts and answer.text:  # a flow with no chat step: its outputs
+            await send({"type": "http.response.body", "body": shapes.content_chunk(answer.text), "more_body": True})
         if failure is not None:
             status, payload = _failure(failure)
             error = payload["error"]
