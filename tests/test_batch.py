@@ -305,3 +305,14 @@ def test_progress_bar_and_summary_on_a_terminal(flow, env, llm, tmp_path) -> Non
     assert "5/5" in text and "items/s" in text
     assert "done: 5 items, 5 ok, 0 failed" in text and f"results in {out}" in text
     assert len(results(out)) == 5
+
+
+def test_a_setup_error_stops_the_batch_instead_of_failing_every_item(write_flow, tmp_path) -> None:
+    flow = write_flow(FLOW.replace("api_key: sk-test-key", "api_key: ${env.BATCH_TEST_KEY}"))
+    inputs = jsonl(tmp_path / "items.jsonl", [{"question": f"q{i}"} for i in range(50)])
+    out = tmp_path / "results.jsonl"
+    r = run_cli("batch", str(flow), "--inputs", str(inputs), "--output", str(out),
+                env={"TEST_OPENAI_BASE_URL": "http://127.0.0.1:9/v1"})
+    assert r.returncode == 2
+    assert "environment variable BATCH_TEST_KEY is not set" in r.stderr and "export BATCH_TEST_KEY" in r.stderr
+    assert out.read_text() == ""  # nothing recorded: a --resume after the fix runs them all

@@ -84,6 +84,9 @@ class Batch:
                             usage[key] = usage.get(key, 0) + value
                     if self.limiter is not None:
                         self.limiter.charge(event.usage.get("total_tokens", 0))
+        setup = next((e for e in run.errors if isinstance(e, FlowDefinitionError)), None)
+        if setup is not None:  # e.g. a connection's env var is not set: every item would fail the same way
+            raise setup
         record.update(run_id=run.run_id, outputs=run.outputs, status=run.status, usage=usage or None,
                       latency=round(time.monotonic() - started, 3))
         if run.errors:
