@@ -308,7 +308,7 @@ def test_progress_bar_and_summary_on_a_terminal(flow, env, llm, tmp_path) -> Non
 
 
 def test_a_setup_error_stops_the_batch_instead_of_failing_every_item(write_flow, tmp_path) -> None:
-    flow = write_flow(FLOW.replace("api_key: sk-test-key", "api_key: ${env.BATCH_TEST_KEY}"))
+    flow = write_flow(FLOW.replace("api_key: sk-test-key", "api_key: \"${env.BATCH_TEST_KEY}\""))
     inputs = jsonl(tmp_path / "items.jsonl", [{"question": f"q{i}"} for i in range(50)])
     out = tmp_path / "results.jsonl"
     r = run_cli("batch", str(flow), "--inputs", str(inputs), "--output", str(out),
