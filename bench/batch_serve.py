@@ -227,29 +227,31 @@ def flowrunner_serve(flow: Path, env: dict[str, str], tmp: Path) -> Iterator[str
         stop(proc)
 
 
-async def first_token(client: Any, base_url: str, body: dict[str, Any]) -> float:
-    """Seconds from sending the request to the first content delta; the rest of the stream is read
-    to the end, so the connection goes back to the pool (and serve's upstream one to its pool)."""
+async def first_token(client: Any, base_url: str, body: dict[str, Any]) -> tuple[float, float]:
+    """Seconds from sending the request to the first content delta, and from the response's head to
+    that delta. The rest of the stream is read to the end, so the connection goes back to the pool
+    (and serve's upstream one to its pool)."""
     first = None
     start = time.perf_counter()
     async with client.stream("POST", f"{base_url}/chat/completions", json=body) as response:
+        head = time.perf_counter()
         if response.status_code != 200:
             raise SystemExit(f"{base_url}: HTTP {response.status_code}: {(await response.aread())[:300]!r}")
         async for line in response.aiter_lines():
             if first is None and line.startswith("data: {"):
                 choices = json.loads(line[6:]).get("choices")
                 if choices and choices[0].get("delta", {}).get("content"):
-                    first = time.perf_counter() - start
+                    first = time.perf_counter()
     if first is None:
         raise SystemExit(f"{base_url}: the stream had no content")
-    return first
+    return first - start, first - head
 
 
 async def bench_ttft(direct: str, served: str, runs: int) -> dict[str, list[float]]:
     import httpx2
 
     body = request_body("time to first token, please")
-    samples: dict[str, list[float]] = {"direct": [], "served": []}
+    samples: dict[str, list[float]] = {"direct": [], "served": [], "served_gap": []}
     async with httpx2.AsyncClient(timeout=30, trust_env=False,
                                   headers={"authorization": f"Bearer {API_KEY}"}) as client:
         urls = {"direct": direct, "served": served}
@@ -258,14 +260,16 @@ async def bench_ttft(direct: str, served: str, runs: int) -> dict[str, list[floa
                 await first_token(client, url, body)
         for i in range(runs):
             for side in (("served", "direct") if i % 2 else ("direct", "served")):  # interleaved
-                samples[side].append(await first_token(client, urls[side], body))
+                ttft, gap = await first_token(client, urls[side], body)
+                samples[side].append(ttft)
+                if side == "served":  # serve starts its response with the first delta: ~0 expected
+                    samples["served_gap"].append(gap)
     return samples
 
 
 def p(samples: list[float], q: int) -> float:
     """The q-th percentile, in ms."""
-    return statistics.quantiles(samples, n=100, method="inclusive")[q - 1] * 1000 if q != 50 \
-        else statistics.median(samples) * 1000
+    return statistics.quantiles(samples, n=100, method="inclusive")[q - 1] * 1000
 
 
 def main() -> None:
@@ -323,6 +327,9 @@ def main() -> None:
           f"{b['wall_n']:.2f} s / {b['wall_c']:.2f} s")
     print(f"         item latency p50 {b['ours_lat'] * 1000:.0f} ms vs {b['sdk_lat'] * 1000:.0f} ms; slowest item "
           f"of a {c}-item run {b['ours_first'] * 1000:.0f} ms vs {b['sdk_first'] * 1000:.0f} ms (first-round warm-up)")
+    gap50, gap90 = p(t["served_gap"], 50), p(t["served_gap"], 90)
+    print(f"         serve: its response head to the first content p50 {gap50:.2f} ms, p90 {gap90:.2f} ms (serve sends "
+          "them together; a gap near 40 ms is Nagle + delayed ACK: TCP_NODELAY off on serve's socket)")
     print("baseline: batch = raw AsyncOpenAI streaming calls, C workers; serve = the same httpx2 requests "
           "straight to the test server")
 

@@ -43,6 +43,8 @@ class Batch:
         items = iter(self.reader)
         try:
             async with Connections(self.flow) as conns, asyncio.TaskGroup() as group:
+                for name in self.flow.connections:  # opened once, before any item: a wrong setting stops
+                    await conns.get(name)          # the batch here, and no item pays for the set-up
                 for _ in range(self.concurrency):
                     group.create_task(self._worker(items, conns))
         except* _FailFast:

@@ -54,7 +54,9 @@ async def _serve(chat: Any, sock: socket.socket, api_key: str | None, keepalive:
 def _bind(host: str, port: int) -> socket.socket:
     try:
         info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-        sock = socket.socket(info[0], socket.SOCK_STREAM)
+        # The protocol matters: asyncio turns Nagle off (TCP_NODELAY) only on sockets that say TCP, and
+        # with Nagle on a first chunk waits ~40 ms for the client's delayed ACK.
+        sock = socket.socket(info[0], info[1], info[2])
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(info[4])
         sock.listen(2048)
