@@ -8,7 +8,7 @@ from contextlib import aclosing, suppress
 from typing import Any
 
 from ..engine import Run
-from ..errors import FlowError
+from ..errors import FlowError, FlowRuntimeError, Problem
 from ..events import StepFinished, TextDelta, Usage
 
 END = None  # queued when the run is over
@@ -22,6 +22,7 @@ class Answer:
         self.usage: dict[str, int] = {}
         self.finish_reason: str | None = None
         self.task: asyncio.Task[None] | None = None
+        self.stopped = False
 
     def start(self) -> Answer:
         self.task = asyncio.create_task(self._pump(), name=f"flowrunner run {self.run.run_id}")
@@ -45,8 +46,19 @@ class Answer:
             self.queue.put_nowait(END)
 
     async def wait(self) -> None:
-        if self.task is not None:
+        if self.task is None:
+            return
+        try:
             await asyncio.shield(self.task)
+        except asyncio.CancelledError:
+            if not (self.stopped and self.task.done()):  # we are being cancelled, not (only) the run
+                raise
+
+    def stop(self) -> None:
+        """The server is shutting down: end the run; its client gets an error (503) instead of a cut."""
+        if self.task is not None and not self.task.done():
+            self.stopped = True
+            self.task.cancel()
 
     async def cancel(self) -> None:
         """The client went away: stop the run (its model stream is closed on the way out)."""
@@ -57,6 +69,11 @@ class Answer:
 
     @property
     def failure(self) -> FlowError | None:
+        if self.stopped and self.run.error is None:
+            error = FlowRuntimeError(Problem("the server is shutting down; the answer was stopped",
+                                             hint="send the request again"))
+            error.http_status = 503
+            return error
         return self.run.error
 
     @property

@@ -13,7 +13,7 @@ import asyncio
 import hmac
 import time
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -44,6 +44,7 @@ class Served:
     api_key: str | None = None
     keepalive: float = 15.0  # seconds of silence before a `: keep-alive` comment
     started: int = 0
+    active: set[Answer] = field(default_factory=set)  # runs in flight: stopped when the server shuts down
 
     @property
     def name(self) -> str:
@@ -80,8 +81,10 @@ def create_app(served: Served) -> Starlette:
         except FlowDefinitionError as e:
             raise BadRequest("; ".join(p.message for p in e.problems), "inputs") from None
         run = Run(served.chat.flow, inputs, connections=served.connections, client_history=client_history)
-        shapes = Shapes(req.model or served.name)
+        shapes = Shapes(served.name)
         answer = Answer(run).start()
+        served.active.add(answer)
+        answer.task.add_done_callback(lambda _task: served.active.discard(answer))  # type: ignore[union-attr]
         gone = asyncio.create_task(_disconnected(request))
         started = time.monotonic()
         handed_over = False
@@ -97,7 +100,8 @@ def create_app(served: Served) -> Starlette:
                 return Response(status_code=CLIENT_GONE)
             if first is END:
                 await answer.wait()
-                if answer.failure is not None and not answer.parts:
+                # A plain answer that broke half-way is a failure too: never a 200 that claims "stop".
+                if answer.failure is not None and (not answer.parts or not req.stream):
                     status, payload = _failure(answer.failure)
                     _log(run, status, req.stream, started)
                     return JSONResponse(payload, status)
@@ -192,7 +196,7 @@ class EventStream(Response):
         if failure is not None:
             status, payload = _failure(failure)
             error = payload["error"]
-            tail = shapes.error_event(error["message"], error["type"], error["code"] or status)
+            tail = shapes.error_event(error["message"], error["type"], error["code"])
         else:
             tail = shapes.finish_chunk(answer.finish_reason or "stop")
             if self.include_usage:

@@ -38,17 +38,19 @@ async def _serve(chat: Any, sock: socket.socket, api_key: str | None, keepalive:
 
     from ..connections.pool import Connections
     from .app import Served, create_app
+    from .server import Server
 
     async with Connections(chat.flow) as connections:
         for name in chat.flow.connections:  # open them now: a wrong setting fails here, not per request
             await connections.get(name)
-        app = create_app(Served(chat, connections, api_key, keepalive))
+        served = Served(chat, connections, api_key, keepalive)
+        app = create_app(served)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=10, ws="none")
+                                timeout_graceful_shutdown=5, ws="none")
         host, port = sock.getsockname()[:2]
         where = f"http://{'[' + host + ']' if ':' in host else host}:{port}/v1"
         click.echo(f"serving flow '{chat.flow.name}' at {where} (model '{chat.flow.name}'); Ctrl-C stops", err=True)
-        await uvicorn.Server(config).serve(sockets=[sock])
+        await Server(config, served).serve(sockets=[sock])
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -79,7 +79,8 @@ def parse_request(body: Any, conversation_header: str | None = None) -> ChatRequ
                              key)
     if body.get("n") not in (None, 1):
         raise BadRequest("only n=1 is supported", "n")
-    conversation = body.get("conversation_id") or (body.get("metadata") or {}).get("conversation_id") or conversation_header
+    named = (body.get("conversation_id"), (body.get("metadata") or {}).get("conversation_id"), conversation_header)
+    conversation = next((c for c in named if c is not None), None)
     if conversation is not None and (not isinstance(conversation, str) or not conversation.strip()):
         raise BadRequest("conversation_id must be a non-empty string", "conversation_id")
     earlier = [{"role": m["role"], "content": m["content"]} for m in parsed[:-1]
