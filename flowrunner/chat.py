@@ -21,9 +21,9 @@ def chat_loop(flow_path: Path, conversation_id: str | None, extra: dict[str, str
     from . import logs
     from .connections.pool import Connections
     from .conversation import ChatInputs
-    from .flow.build import load_connections_file, load_flow
+    from .flow.build import load_flow_with
 
-    flow = load_flow(flow_path, load_connections_file(connections_file) if connections_file else None)
+    flow = load_flow_with(flow_path, connections_file)
     chat = ChatInputs.of(flow, message_input)
     conversation = conversation_id or f"chat-{uuid.uuid4().hex[:12]}"
     logs.configure(obj.get("log_format"), obj.get("log_level"), quiet_runs=obj.get("log_level") is None)
@@ -85,12 +85,11 @@ async def _turn(chat: Any, connections: Any, text: str, conversation: str, earli
             if event.kind == "text":
                 parts.append(event.text)  # type: ignore[attr-defined]
     if not parts and run.outputs:  # a flow without a chat step: its outputs are the answer
-        from .refs import to_text
+        from .conversation import outputs_as_answer
+        from .events import TextDelta
 
-        outputs = run.outputs
-        parts.append(to_text(next(iter(outputs.values())) if len(outputs) == 1 else outputs))
-        sink.stream.write(parts[0])
-        sink._last = parts[0][-1:] or "\n"
+        parts.append(outputs_as_answer(run.outputs))
+        sink.handle(TextDelta("outputs", parts[0]))
     sink.close()
     for error in run.errors:
         print_error(error, obj.get("debug", False))

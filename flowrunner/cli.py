@@ -33,14 +33,17 @@ def cli(ctx: click.Context, debug: bool, log_format: str | None, verbose: bool, 
     ctx.obj = {"debug": debug, "log_format": log_format, "log_level": level}
 
 
+_CONNECTIONS = click.option("--connections", "connections_file", type=click.Path(dir_okay=False, path_type=Path),
+                            help="Connections from a separate YAML file (they override the flow's own).")
+
+
 @cli.command()
 @click.argument("flow", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-i", "--input", "pairs", multiple=True, metavar="NAME=VALUE",
               help="A flow input; coerced to its declared type. Repeat for more.")
 @click.option("--inputs-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Inputs from a JSON or YAML mapping (-i values override it).")
-@click.option("--connections", "connections_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="Connections from a separate YAML file (they override the flow's own).")
+@_CONNECTIONS
 @click.option("--sink", default=None, metavar="SINK",
               help="stdout (default), none, jsonl:PATH, jsonl:- or file:PATH.")
 @click.option("--output", "output_format", type=click.Choice(["text", "json"]), default="text",
@@ -60,10 +63,6 @@ def run(obj: dict[str, Any], flow: Path, pairs: tuple[str, ...], inputs_file: Pa
 
     mode = llm_mode(dry_run, record, replay)
     return run_once(flow, pairs, inputs_file, connections_file, sink, output_format, obj, mode)
-
-
-_CONNECTIONS = click.option("--connections", "connections_file", type=click.Path(dir_okay=False, path_type=Path),
-                            help="Connections from a separate YAML file (they override the flow's own).")
 
 
 @cli.command()
@@ -189,8 +188,7 @@ def db() -> None:
 
 @db.command("init")
 @click.argument("flow", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--connections", "connections_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="Connections from a separate YAML file (they override the flow's own).")
+@_CONNECTIONS
 def db_init(flow: Path, connections_file: Path | None) -> int:
     """Create the chat-history tables FLOW's history steps use (safe to repeat)."""
     from .history.init import init_tables

@@ -73,3 +73,12 @@ class ChatInputs:
     def keeps_history(self) -> bool:
         """True when a conversation id is enough: the flow's history steps keep the conversation."""
         return self.conversation is not None and any(s.type == "history_load" for s in self.flow.steps)
+
+
+def outputs_as_answer(outputs: Mapping[str, Any]) -> str:
+    """The answer of a flow that streamed no text (no chat step): its one output, or all of them."""
+    from .refs import to_text
+
+    if not outputs:
+        return ""
+    return to_text(next(iter(outputs.values())) if len(outputs) == 1 else dict(outputs))

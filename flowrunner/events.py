@@ -83,6 +83,13 @@ class RunFinished(Event):
     duration: float = 0.0
 
 
+def add_usage(total: dict[str, int], usage: Mapping[str, Any]) -> None:
+    """Adds a Usage event's token counts into `total` (nested details are left out)."""
+    for key, value in usage.items():
+        if isinstance(value, int):
+            total[key] = total.get(key, 0) + value
+
+
 _KINDS: dict[type, str] = {
     RunStarted: "run_started",
     StepStarted: "step_started",

@@ -72,11 +72,10 @@ def run_once(flow_path: Path, pairs: tuple[str, ...], inputs_file: Path | None, 
     from . import logs
     from .cli import print_error
     from .engine import Run
-    from .flow.build import load_connections_file, load_flow
+    from .flow.build import load_flow_with
     from .flow.inputs import resolve_inputs
 
-    extra = load_connections_file(connections_file) if connections_file else None
-    flow = load_flow(flow_path, extra)
+    flow = load_flow_with(flow_path, connections_file)
     given: dict[str, Any] = load_inputs_file(inputs_file) if inputs_file else {}
     text_pairs = parse_pairs(pairs)
     given.update(text_pairs)

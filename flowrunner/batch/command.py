@@ -15,7 +15,7 @@ def run_batch(flow_path: Path, inputs_path: Path, fmt: str | None, maps: tuple[s
               connections_file: Path | None, obj: dict[str, Any]) -> int:
     from .. import logs
     from ..errors import did_you_mean
-    from ..flow.build import load_connections_file, load_flow
+    from ..flow.build import load_flow_with
     from ..llm.limits import Limits, RateLimiter
     from ..runner import parse_pairs
     from .items import ItemReader, parse_map
@@ -26,7 +26,7 @@ def run_batch(flow_path: Path, inputs_path: Path, fmt: str | None, maps: tuple[s
     if resume and output is None:
         raise FlowDefinitionError.at("--resume needs --output: the results file to continue",
                                      hint="for example --output results.jsonl --resume")
-    flow = load_flow(flow_path, load_connections_file(connections_file) if connections_file else None)
+    flow = load_flow_with(flow_path, connections_file)
     constants = parse_pairs(pairs)
     for name in constants:
         if name not in flow.inputs:

@@ -69,7 +69,7 @@ class Batch:
 
     async def _run_item(self, item: Item, conns: Any) -> dict[str, Any]:
         from ..engine import Run
-        from ..events import Usage
+        from ..events import Usage, add_usage
 
         record: dict[str, Any] = {"index": item.index, "inputs": dict(item.row or item.inputs), "outputs": {},
                                   "status": "failed", "error": item.error, "usage": None, "latency": 0.0}
@@ -81,9 +81,7 @@ class Batch:
         async with aclosing(run.events()) as events:
             async for event in events:
                 if type(event) is Usage:
-                    for key, value in event.usage.items():
-                        if isinstance(value, int):
-                            usage[key] = usage.get(key, 0) + value
+                    add_usage(usage, event.usage)
                     if self.limiter is not None:
                         self.limiter.charge(event.usage.get("total_tokens", 0))
         setup = next((e for e in run.errors if isinstance(e, FlowDefinitionError)), None)

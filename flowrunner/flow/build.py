@@ -23,6 +23,11 @@ def load_flow(file: str | Path, connections: dict[str, ConnectionSpec] | None = 
     return load_flow_text(read_text(file), str(file), connections)
 
 
+def load_flow_with(file: str | Path, connections_file: str | Path | None) -> Flow:
+    """A flow as the commands take it: FLOW plus the connections of `--connections FILE`, if given."""
+    return load_flow(file, load_connections_file(connections_file) if connections_file else None)
+
+
 def load_flow_text(text: str, file: str = "<string>", connections: dict[str, ConnectionSpec] | None = None) -> Flow:
     data, smap = parse_yaml(text, file)
     problems = schema_problems(data, smap)

@@ -15,11 +15,10 @@ from .sql import DEFAULT_TABLE
 def init_tables(flow_path: Path, connections_file: Path | None) -> int:
     from .. import refs
     from ..connections.pool import Connections
-    from ..flow.build import load_connections_file, load_flow
+    from ..flow.build import load_flow_with
     from .access import store_of
 
-    extra = load_connections_file(connections_file) if connections_file else None
-    flow = load_flow(flow_path, extra)
+    flow = load_flow_with(flow_path, connections_file)
     targets: dict[tuple[str | None, str], None] = {}
     for spec in flow.steps:
         if spec.type in ("history_load", "history_save"):

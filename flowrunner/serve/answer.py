@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import aclosing, suppress
-from typing import Any
 
 from ..engine import Run
 from ..errors import FlowError, FlowRuntimeError, Problem
-from ..events import StepFinished, TextDelta, Usage
+from ..events import StepFinished, TextDelta, Usage, add_usage
 
 END = None  # queued when the run is over
 
@@ -37,9 +36,7 @@ class Answer:
                         self.parts.append(event.text)  # type: ignore[attr-defined]
                         self.queue.put_nowait(event.text)  # type: ignore[attr-defined]
                     elif kind is Usage:
-                        for key, value in event.usage.items():  # type: ignore[attr-defined]
-                            if isinstance(value, int):
-                                self.usage[key] = self.usage.get(key, 0) + value
+                        add_usage(self.usage, event.usage)  # type: ignore[attr-defined]
                     elif kind is StepFinished and event.outputs.get("finish_reason"):  # type: ignore[attr-defined]
                         self.finish_reason = str(event.outputs["finish_reason"])  # type: ignore[attr-defined]
         finally:
@@ -80,7 +77,6 @@ class Answer:
     def text(self) -> str:
         if self.parts:
             return "".join(self.parts)
-        from ..refs import to_text  # a flow with no chat step: its outputs are the answer
+        from ..conversation import outputs_as_answer
 
-        outputs: dict[str, Any] = self.run.outputs
-        return to_text(next(iter(outputs.values()))) if len(outputs) == 1 else to_text(outputs) if outputs else ""
+        return outputs_as_answer(self.run.outputs)

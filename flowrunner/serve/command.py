@@ -18,9 +18,9 @@ def serve(flow_path: Path, host: str, port: int, connections_file: Path | None, 
           api_key: str | None, keepalive: float, obj: dict[str, Any]) -> int:
     from .. import logs
     from ..conversation import ChatInputs
-    from ..flow.build import load_connections_file, load_flow
+    from ..flow.build import load_flow_with
 
-    flow = load_flow(flow_path, load_connections_file(connections_file) if connections_file else None)
+    flow = load_flow_with(flow_path, connections_file)
     chat = ChatInputs.of(flow, message_input)
     api_key = api_key or os.environ.get("FLOWRUNNER_API_KEY") or None
     if api_key:
