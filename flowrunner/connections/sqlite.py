@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,24 @@ def _missing_table(e: Exception) -> bool:
     return "no such table" in str(e)
 
 
+def _use_wal(db: Any, timeout: float) -> None:
+    """Switch the file to WAL (it stays so). Switching takes an exclusive lock and SQLite answers
+    "database is locked" at once, without its busy timeout, when another process is switching the same
+    new file: so only switch when it is not WAL yet, and wait for the other process up to `timeout`."""
+    import sqlite3
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:  # reading the mode also reads the header: "file is not a database" comes from here
+            if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
+
+
 async def open_sqlite(conn: ResolvedConnection, stack: AsyncExitStack) -> ThreadedStore:
     import sqlite3
 
@@ -52,7 +71,7 @@ async def open_sqlite(conn: ResolvedConnection, stack: AsyncExitStack) -> Thread
     def connect() -> Any:
         db = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
         try:
-            db.execute("PRAGMA journal_mode=WAL")  # also reads the header: "file is not a database" here
+            _use_wal(db, timeout)
             db.execute("PRAGMA synchronous=NORMAL")
         except BaseException:
             db.close()
