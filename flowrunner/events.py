@@ -32,6 +32,13 @@ class StepStarted(Event):
 
 
 @dataclass(frozen=True)
+class StreamStarted(Event):
+    """The model server accepted a streaming request (HTTP 200): text may follow."""
+
+    step: str
+
+
+@dataclass(frozen=True)
 class TextDelta(Event):
     step: str
     text: str
@@ -93,6 +100,7 @@ def add_usage(total: dict[str, int], usage: Mapping[str, Any]) -> None:
 _KINDS: dict[type, str] = {
     RunStarted: "run_started",
     StepStarted: "step_started",
+    StreamStarted: "stream_started",
     TextDelta: "text",
     Progress: "progress",
     Usage: "usage",

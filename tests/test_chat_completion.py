@@ -453,3 +453,72 @@ steps:
     out = run_cli("run", str(flow), "--sink", "jsonl:-", env={"CRED_URL": "http://user:hunter2secret@127.0.0.1:9/v1"})
     assert out.returncode == 1 and "cannot reach http://127.0.0.1:9/v1" in out.stderr
     assert "hunter2secret" not in out.stdout + out.stderr
+
+
+# The streaming request is sent by flowrunner/llm/chat_request.py, not by the SDK's create(): it must
+# send what the SDK sends (the non-streaming request still goes through the SDK) and retry as it does.
+
+def _same_headers(fast: dict, sdk: dict) -> None:
+    skip = {"content-length", "x-stainless-retry-count", "x-stainless-read-timeout", "x-stainless-timeout"}
+    assert {k: v for k, v in fast.items() if k not in skip} == {k: v for k, v in sdk.items() if k not in skip}
+
+
+def test_the_streaming_request_carries_the_sdks_headers(chat, llm) -> None:
+    conn = "organization: org-123\n    project: proj-9"
+    assert chat(conn_extra=conn).returncode == 0
+    assert chat(conn_extra=conn, step_extra="stream: false").returncode == 0
+    fast, sdk = llm.chat_requests
+    assert fast.json["stream"] is True and sdk.json["stream"] is False
+    assert fast.headers["authorization"] == "Bearer sk-test" and fast.headers["openai-organization"] == "org-123"
+    assert fast.headers["openai-project"] == "proj-9" and fast.headers["user-agent"].startswith("AsyncOpenAI/Python")
+    _same_headers(fast.headers, sdk.headers)
+    assert fast.headers["x-stainless-retry-count"] == "0"
+
+
+def test_azure_with_an_entra_token_sends_it_as_bearer(llm, write_flow) -> None:
+    flow = write_flow("""
+version: 1
+name: azure-token
+connections:
+  llm: {type: azure_openai, endpoint: "${env.AZ_ENDPOINT}", azure_ad_token: "${env.AZ_TOKEN}", deployment: d 1}
+steps:
+  - {id: answer, type: chat_completion, connection: llm, user_prompt: hi, stream: "${inputs.stream}"}
+inputs:
+  stream: {type: boolean}
+""")
+    env = {"AZ_ENDPOINT": llm.azure_endpoint, "AZ_TOKEN": "entra-token-1"}
+    assert run_cli("run", str(flow), "-i", "stream=true", env=env).returncode == 0
+    assert run_cli("run", str(flow), "-i", "stream=false", env=env).returncode == 0
+    fast, sdk = llm.chat_requests
+    assert fast.path == sdk.path == "/openai/deployments/d 1/chat/completions"  # sent as d%201
+    assert fast.query == sdk.query and fast.headers["authorization"] == "Bearer entra-token-1"
+    assert "api-key" not in fast.headers
+    _same_headers(fast.headers, sdk.headers)
+
+
+@pytest.mark.parametrize("reply, retried", [
+    (Reply(status=503, headers={"x-should-retry": "false"}), False),  # the server says: do not
+    (Reply(status=400, headers={"x-should-retry": "true"}), True),  # the server says: do
+    (Reply(status=429, retry_after=600), False),  # a wait longer than 2 minutes is not waited for
+    (Reply(status=409, retry_after_ms=5), True),
+    (Reply(status=408, retry_after="0.01"), True),
+])
+def test_the_sdks_retry_rules(chat, llm, reply: Reply, retried: bool) -> None:
+    llm.script(reply, Reply(text="second try"))
+    out = chat(conn_extra="max_retries: 1")
+    assert len(llm.chat_requests) == (2 if retried else 1)
+    assert out.returncode == (0 if retried else 1), out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_an_unreachable_server_is_retried_then_a_clear_error(chat, llm) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    out = chat(conn_extra="max_retries: 2", env={"TEST_OPENAI_BASE_URL": f"http://127.0.0.1:{port}/v1"})
+    assert out.returncode == 1
+    assert f"cannot reach http://127.0.0.1:{port}/v1/: ConnectError" in out.stderr and "hint:" in out.stderr
+    assert time.monotonic() - start >= 0.5 * 0.75 + 1.0 * 0.75  # two backoffs: 0.5 s and 1 s, less jitter

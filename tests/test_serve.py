@@ -412,6 +412,36 @@ def test_sse_headers_and_keepalive_comments(serve, llm) -> None:
     assert llm.wait_for_disconnect(timeout=10)
 
 
+def test_keepalive_comments_while_a_step_works_before_any_stream(serve, llm) -> None:
+    # stream: false: no model stream starts, so the response opens after --keepalive with comments,
+    # and the whole answer follows as one delta when it comes.
+    server = serve(CHAT_FLOW.replace("user_prompt: ${inputs.question}", "user_prompt: ${inputs.question}\n    stream: false"),
+                   "--keepalive", "0.2")
+    llm.script(Reply(text="slow but whole", stall_after=0, stall=1.0))
+    body = {"model": server.name, "messages": user("q"), "stream": True}
+    with httpx2.stream("POST", f"{server.url}/chat/completions", json=body, timeout=30) as response:
+        assert response.status_code == 200
+        lines = [line for line in response.iter_lines() if line]
+    assert lines.count(": keep-alive") >= 2, lines
+    assert lines.index(": keep-alive") < min(i for i, line in enumerate(lines) if "slow but whole" in line)
+    assert lines[-1] == "data: [DONE]"
+
+
+def test_keepalive_comments_when_the_model_goes_quiet_mid_answer(serve, llm) -> None:
+    server = serve(CHAT_FLOW, "--keepalive", "0.2")
+    llm.script(Reply(text=["Before", " after"], stall_after=1, stall=1.0))
+    body = {"model": server.name, "messages": user("q"), "stream": True}
+    with httpx2.stream("POST", f"{server.url}/chat/completions", json=body, timeout=30) as response:
+        lines = [line for line in response.iter_lines() if line]
+    texts = [json.loads(line[6:])["choices"][0]["delta"].get("content") for line in lines
+             if line.startswith("data: {") and json.loads(line[6:])["choices"]]
+    assert "".join(t for t in texts if t) == "Before after"
+    before = next(i for i, line in enumerate(lines) if '"Before"' in line)
+    after = next(i for i, line in enumerate(lines) if '" after"' in line)
+    assert 2 <= lines[before:after].count(": keep-alive") <= 6, lines  # every 0.2 s of the 1 s pause
+    assert lines[-1] == "data: [DONE]"
+
+
 def test_sigint_stops_the_server_without_a_traceback(serve, llm) -> None:
     server = serve(CHAT_FLOW)
     assert server.client().chat.completions.create(model=server.name, messages=user("hi")).choices

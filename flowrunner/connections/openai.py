@@ -1,14 +1,17 @@
 """`openai` and `azure_openai` connections: one SDK client per run (or batch).
 
-The SDK does what it is good at — auth, Azure URLs, request building, typed errors, retries before a
-stream starts. Reading the stream is the chat step's fast path (flowrunner/llm/stream.py)."""
+The SDK does what it is good at: auth, Azure URLs, request building, typed errors, retries, for
+embeddings and non-streaming chat. The streaming chat request and the reading of its stream are the
+chat step's fast path (flowrunner/llm/chat_request.py, flowrunner/llm/stream.py), on the same HTTP
+client, with the URL and headers the SDK would send (`LLMClient.chat_url`, `headers`, `params`)."""
 
 from __future__ import annotations
 
 import os
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 from .. import secrets
 from ..errors import FlowDefinitionError
@@ -31,6 +34,27 @@ class LLMClient:
     deployment: str | None = None  # Azure: the connection's default deployment
     where: str = ""  # base URL or endpoint, for error messages (never carries a secret)
     keyless: bool = False  # no API key was configured or set: a placeholder was sent
+    http: Any = None  # the SDK client's httpx2.AsyncClient
+    base: str = ""  # the SDK client's base URL, ending with "/"
+    headers: dict[str, str] = field(default_factory=dict)  # what the SDK sends, auth included
+    params: dict[str, str] = field(default_factory=dict)  # Azure: api-version
+    urls: dict[str, Any] = field(default_factory=dict)  # chat URLs by model, parsed once
+
+    def chat_url(self, model: str) -> Any:
+        """The httpx2.URL a chat request for `model` goes to (Azure: the deployment's, api-version included)."""
+        url = self.urls.get(model)
+        if url is None:
+            import httpx2
+
+            path = f"deployments/{quote(model, safe='')}/chat/completions" if self.kind == "azure_openai" \
+                else "chat/completions"
+            url = self.urls[model] = httpx2.URL(self.base + path, params=self.params)
+        return url
+
+
+def _headers(client: Any, auth: dict[str, str]) -> dict[str, str]:
+    """The SDK's default headers (User-Agent, X-Stainless-*, OpenAI-Organization/-Project), with `auth`."""
+    return {**{k: v for k, v in client.default_headers.items() if isinstance(v, str)}, **auth}
 
 
 def _common(conn: ResolvedConnection) -> tuple[float, int, Any]:
@@ -57,13 +81,15 @@ async def open_openai(conn: ResolvedConnection, stack: AsyncExitStack) -> LLMCli
             raise FlowDefinitionError.at(f"connection '{conn.name}' needs an API key",
                                          hint="set OPENAI_API_KEY, or base_url for a local server")
         api_key = KEYLESS  # local OpenAI-compatible servers (Ollama, vLLM, llama.cpp) take any key
+    http = _http_client(timeout)
     client = openai.AsyncOpenAI(
         api_key=api_key, base_url=base_url, organization=conn.config.get("organization"),
-        project=conn.config.get("project"), timeout=timeout, max_retries=retries, http_client=_http_client(timeout),
+        project=conn.config.get("project"), timeout=timeout, max_retries=retries, http_client=http,
     )
     stack.push_async_callback(client.close)
     return LLMClient(conn.name, "openai", client, idle, retries, where=_without_userinfo(str(client.base_url)),
-                     keyless=api_key == KEYLESS)
+                     keyless=api_key == KEYLESS, http=http, base=str(client.base_url),
+                     headers=_headers(client, {"Authorization": f"Bearer {api_key}"}))
 
 
 async def open_azure_openai(conn: ResolvedConnection, stack: AsyncExitStack) -> LLMClient:
@@ -80,14 +106,17 @@ async def open_azure_openai(conn: ResolvedConnection, stack: AsyncExitStack) -> 
             path=f"connections.{conn.name}",
             hint="set api_key: ${env.AZURE_OPENAI_API_KEY}, or azure_ad_token for Entra ID",
         )
+    api_version = conn.config.get("api_version") or DEFAULT_AZURE_API_VERSION
+    http = _http_client(timeout)
     client = openai.AsyncAzureOpenAI(
         azure_endpoint=endpoint, api_key=api_key or None, azure_ad_token=None if api_key else token,
-        api_version=conn.config.get("api_version") or DEFAULT_AZURE_API_VERSION,
-        timeout=timeout, max_retries=retries, http_client=_http_client(timeout),
+        api_version=api_version, timeout=timeout, max_retries=retries, http_client=http,
     )
     stack.push_async_callback(client.close)
+    auth = {"api-key": api_key} if api_key else {"Authorization": f"Bearer {token}"}
     return LLMClient(conn.name, "azure_openai", client, idle, retries, conn.config.get("deployment"),
-                     _without_userinfo(endpoint))
+                     _without_userinfo(endpoint), http=http, base=str(client.base_url), headers=_headers(client, auth),
+                     params={"api-version": api_version})
 
 
 def _http_client(timeout: Any) -> Any:

@@ -1,27 +1,33 @@
-"""One request's run of the flow, in its own task: its text deltas queued for the response the moment
-they arrive, its usage, finish_reason and failure kept for the end."""
+"""One request's run of the flow, in its own task: its text deltas queued for the response (STARTED
+first, once the model has accepted the request), or, once the response has taken over `deliver`,
+written by the run's task itself the moment they arrive; its usage, finish_reason and failure kept
+for the end."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from contextlib import aclosing, suppress
 
 from ..engine import Run
 from ..errors import FlowError, FlowRuntimeError, Problem
-from ..events import StepFinished, TextDelta, Usage, add_usage
+from ..events import StepFinished, StreamStarted, TextDelta, Usage, add_usage
 
 END = None  # queued when the run is over
+STARTED = object()  # queued once, when the model accepted the request: the response can start
 
 
 class Answer:
     def __init__(self, run: Run) -> None:
         self.run = run
-        self.queue: asyncio.Queue[str | None] = asyncio.Queue()
+        self.queue: asyncio.Queue[object] = asyncio.Queue()
         self.parts: list[str] = []
         self.usage: dict[str, int] = {}
         self.finish_reason: str | None = None
         self.task: asyncio.Task[None] | None = None
         self.stopped = False
+        self.streaming = False  # the model has accepted the request
+        self.deliver: Callable[[str], Awaitable[None]] | None = None  # set by a response that streams
 
     def start(self) -> Answer:
         self.task = asyncio.create_task(self._pump(), name=f"flowrunner run {self.run.run_id}")
@@ -34,7 +40,13 @@ class Answer:
                     kind = type(event)
                     if kind is TextDelta:
                         self.parts.append(event.text)  # type: ignore[attr-defined]
-                        self.queue.put_nowait(event.text)  # type: ignore[attr-defined]
+                        if self.deliver is None:
+                            self.queue.put_nowait(event.text)  # type: ignore[attr-defined]
+                        else:  # no hop through the queue and another task: the delta goes out now
+                            await self.deliver(event.text)  # type: ignore[attr-defined]
+                    elif kind is StreamStarted and not self.streaming:
+                        self.streaming = True
+                        self.queue.put_nowait(STARTED)
                     elif kind is Usage:
                         add_usage(self.usage, event.usage)  # type: ignore[attr-defined]
                     elif kind is StepFinished and event.outputs.get("finish_reason"):  # type: ignore[attr-defined]

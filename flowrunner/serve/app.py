@@ -136,8 +136,9 @@ def create_app(served: Served) -> Starlette:
 
 
 class EventStream(Response):
-    """The SSE body: the role chunk, a chunk per delta as it comes (deltas that queued up while the
-    previous write went out share one write), keep-alive comments in silences, then the finish chunk,
+    """The SSE body: the role chunk, then the deltas. Those that queued up before the model's stream
+    began go out in one write; from then on the run's task writes each delta itself as it arrives
+    (Answer.deliver), while this one sends keep-alive comments in silences. Then the finish chunk,
     usage when asked, and [DONE]. A failure after the first byte is an `error` event (the SDKs raise it)."""
 
     def __init__(self, answer: Answer, shapes: Shapes, first: str | None | object, gone: asyncio.Task[None],
@@ -145,6 +146,7 @@ class EventStream(Response):
         super().__init__()
         self.answer, self.shapes, self.first, self.gone = answer, shapes, first, gone
         self.include_usage, self.keepalive, self.started = include_usage, keepalive, started
+        self.last_write = 0.0
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         body = asyncio.create_task(self._body(send))
@@ -165,24 +167,43 @@ class EventStream(Response):
             await self.answer.cancel()
             _log(self.answer.run, status, True, self.started)
 
+    async def _write(self, send: Any, data: bytes) -> None:
+        self.last_write = time.monotonic()
+        await send({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def _keep_alive(self, send: Any) -> None:
+        """Until the run ends: a keep-alive comment after each `keepalive` seconds without a write."""
+        task = self.answer.task
+        while not task.done():  # type: ignore[union-attr]
+            quiet = time.monotonic() - self.last_write
+            if quiet >= self.keepalive:
+                await self._write(send, KEEPALIVE)
+                continue
+            await asyncio.wait({task}, timeout=self.keepalive - quiet)  # type: ignore[arg-type]
+
     async def _body(self, send: Any) -> None:
         answer, shapes, queue = self.answer, self.shapes, self.answer.queue
         await send({"type": "http.response.start", "status": 200,
                     "headers": [*SSE_HEADERS, (b"x-flowrunner-run-id", answer.run.run_id.encode())]})
-        data = shapes.role_chunk()
-        item = self.first
+        data, item = shapes.role_chunk(), self.first
         while True:
-            if isinstance(item, str):
-                data += shapes.content_chunk(item)
-                while not queue.empty():
-                    item = queue.get_nowait()
-                    if item is END:
-                        break
+            while True:  # what has queued up goes out in one write
+                if isinstance(item, str):
                     data += shapes.content_chunk(item)
+                if item is END or queue.empty():
+                    break
+                item = queue.get_nowait()
             if data:
-                await send({"type": "http.response.body", "body": data, "more_body": True})
+                await self._write(send, data)
                 data = b""
             if item is END:
+                break
+            if not queue.empty():  # more came in during the write
+                item = queue.get_nowait()
+                continue
+            if answer.streaming:  # the model streams: from here on the run's task writes each delta
+                answer.deliver = lambda text: self._write(send, shapes.content_chunk(text))
+                await self._keep_alive(send)
                 break
             try:
                 async with asyncio.timeout(self.keepalive):
@@ -209,9 +230,10 @@ _WAITING = object()  # no delta yet: the response has started, the run has not s
 
 
 async def _first(answer: Answer, gone: asyncio.Task[None], wait: float) -> str | None | object:
-    """The first delta, END, or _WAITING after `wait` seconds (the response then starts, so keep-alive
-    comments can hold the connection open through a slow retrieval). Until then a failure can still
-    be a proper HTTP error status."""
+    """STARTED (the model accepted the request), the first delta, END, or _WAITING after `wait` seconds
+    (the response then starts, so keep-alive comments can hold the connection open through a slow
+    retrieval). Until then a failure (a bad input, the model's 429...) can still be a proper HTTP error
+    status. The response's head goes out while the model thinks, so the first token is one write."""
     get = asyncio.ensure_future(answer.queue.get())
     try:
         await asyncio.wait({get, gone}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)

@@ -155,21 +155,21 @@ class ChatCompletionStep(Step):
 
     async def _stream(self, llm: LLMClient, request: dict[str, Any], state: Any, step_id: str,
                       recorder: Any = None) -> AsyncIterator[Event]:
-        from ..llm.errors import api_error
+        from ..events import StreamStarted
+        from ..llm.chat_request import open_chat_stream
         from ..llm.stream import read_stream
-
-        import openai
 
         tap: list[str] | None = [] if recorder is not None else None
         try:
-            async with llm.client.chat.completions.with_streaming_response.create(
-                **request, stream=True, stream_options={"include_usage": True}
-            ) as response, aclosing(read_stream(response.http_response, step_id, state, llm.idle_timeout,
-                                                tap)) as deltas:
-                async for delta in deltas:
-                    yield delta
-        except openai.APIError as e:
-            raise api_error(e, llm) from None
+            body = {**request, "stream": True, "stream_options": {"include_usage": True}}
+            response = await open_chat_stream(llm, body)
+            try:
+                yield StreamStarted(step_id)
+                async with aclosing(read_stream(response, step_id, state, llm.idle_timeout, tap)) as deltas:
+                    async for delta in deltas:
+                        yield delta
+            finally:
+                await response.aclose()
         finally:
             if tap:  # a stream that broke is recorded as it broke: its replay breaks the same way
                 recorder.save(step_id, request, tap)
