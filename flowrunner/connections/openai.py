@@ -36,7 +36,7 @@ class LLMClient:
     keyless: bool = False  # no API key was configured or set: a placeholder was sent
     http: Any = None  # the SDK client's httpx2.AsyncClient
     base: str = ""  # the SDK client's base URL, ending with "/"
-    headers: dict[str, str] = field(default_factory=dict)  # what the SDK sends, auth included
+    headers: dict[str, str] = field(default_factory=dict, repr=False)  # what the SDK sends, auth included
     params: dict[str, str] = field(default_factory=dict)  # Azure: api-version
     urls: dict[str, Any] = field(default_factory=dict)  # chat URLs by model, parsed once
 
@@ -46,15 +46,23 @@ class LLMClient:
         if url is None:
             import httpx2
 
+            from ..llm.stream import StreamError
+
+            if self.kind == "azure_openai" and model in (".", ".."):
+                raise StreamError(f"'{model}' is not a deployment name", "set the step's `deployment:`")
             path = f"deployments/{quote(model, safe='')}/chat/completions" if self.kind == "azure_openai" \
                 else "chat/completions"
+            if len(self.urls) >= 64:  # models that come from inputs: keep the cache small
+                self.urls.clear()
             url = self.urls[model] = httpx2.URL(self.base + path, params=self.params)
         return url
 
 
-def _headers(client: Any, auth: dict[str, str]) -> dict[str, str]:
-    """The SDK's default headers (User-Agent, X-Stainless-*, OpenAI-Organization/-Project), with `auth`."""
-    return {**{k: v for k, v in client.default_headers.items() if isinstance(v, str)}, **auth}
+def _headers(client: Any, auth: dict[str, str], idle: float) -> dict[str, str]:
+    """The SDK's default headers (User-Agent, X-Stainless-*, OpenAI-Organization/-Project), with `auth`
+    and the read timeout it announces."""
+    return {**{k: v for k, v in client.default_headers.items() if isinstance(v, str)},
+            "x-stainless-read-timeout": str(idle), **auth}
 
 
 def _common(conn: ResolvedConnection) -> tuple[float, int, Any]:
@@ -89,7 +97,7 @@ async def open_openai(conn: ResolvedConnection, stack: AsyncExitStack) -> LLMCli
     stack.push_async_callback(client.close)
     return LLMClient(conn.name, "openai", client, idle, retries, where=_without_userinfo(str(client.base_url)),
                      keyless=api_key == KEYLESS, http=http, base=str(client.base_url),
-                     headers=_headers(client, {"Authorization": f"Bearer {api_key}"}))
+                     headers=_headers(client, {"Authorization": f"Bearer {api_key}"}, idle))
 
 
 async def open_azure_openai(conn: ResolvedConnection, stack: AsyncExitStack) -> LLMClient:
@@ -115,7 +123,7 @@ async def open_azure_openai(conn: ResolvedConnection, stack: AsyncExitStack) -> 
     stack.push_async_callback(client.close)
     auth = {"api-key": api_key} if api_key else {"Authorization": f"Bearer {token}"}
     return LLMClient(conn.name, "azure_openai", client, idle, retries, conn.config.get("deployment"),
-                     _without_userinfo(endpoint), http=http, base=str(client.base_url), headers=_headers(client, auth),
+                     _without_userinfo(endpoint), http=http, base=str(client.base_url), headers=_headers(client, auth, idle),
                      params={"api-version": api_version})
 
 

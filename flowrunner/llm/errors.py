@@ -8,12 +8,18 @@ from typing import Any
 from .stream import StreamError
 
 
-def _server_message(body: Any, fallback: str) -> str:
+def _server_message(body: Any, status: int) -> str:
+    """What the server said: the error's message; a short plain-text body; else just the code."""
     if isinstance(body, dict):
-        inner = body.get("error") if isinstance(body.get("error"), dict) else body
-        if inner.get("message"):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
             return str(inner["message"])
-    return fallback
+        if isinstance(inner, str) and inner:  # {"error": "model not found"} (Ollama and friends)
+            return inner
+    if isinstance(body, str) and body.strip() and not body.lstrip().startswith("<"):  # not an HTML error page
+        line = body.strip().splitlines()[0]
+        return line[:160] + ("..." if len(line) > 160 else "")
+    return f"Error code: {status}"
 
 
 def timeout_error(llm: Any) -> StreamError:
@@ -26,10 +32,12 @@ def connection_error(cause: BaseException, llm: Any) -> StreamError:
                        "check base_url / endpoint, and that the server is running", retryable=True)
 
 
-def status_error(status: int, body: Any, llm: Any, fallback: str = "") -> StreamError:
-    """A non-2xx answer (after the retries): `body` is its parsed JSON, or its text."""
-    text = _server_message(body, fallback or f"Error code: {status} - {body}")
-    retries = f" after {llm.max_retries} retries" if llm.max_retries else ""
+def status_error(status: int, body: Any, llm: Any, retried: int | None = None) -> StreamError:
+    """A non-2xx answer, after `retried` retries (None: the SDK's, max_retries): `body` is its parsed
+    JSON, or its text."""
+    text = _server_message(body, status)
+    retried = llm.max_retries if retried is None else retried
+    retries = f" after {retried} {'retry' if retried == 1 else 'retries'}" if retried else ""
     if status == 429:
         return StreamError(f"rate limited (429){retries}: {text}",
                            "lower the concurrency, or raise the connection's max_retries", retryable=True, status=429)
@@ -55,5 +63,5 @@ def api_error(e: Any, llm: Any) -> StreamError:
     if isinstance(e, openai.APIConnectionError):
         return connection_error(e.__cause__ or e, llm)
     if isinstance(e, openai.APIStatusError):
-        return status_error(e.status_code, getattr(e, "body", None), llm, str(getattr(e, "message", e)))
-    return StreamError(f"{type(e).__name__}: {_server_message(getattr(e, 'body', None), str(getattr(e, 'message', e)))}")
+        return status_error(e.status_code, e.body, llm)
+    return StreamError(f"{type(e).__name__}: {getattr(e, 'message', e)}")

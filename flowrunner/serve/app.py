@@ -171,6 +171,11 @@ class EventStream(Response):
         self.last_write = time.monotonic()
         await send({"type": "http.response.body", "body": data, "more_body": True})
 
+    async def _deliver(self, send: Any, text: str) -> None:
+        """Called by the run's task. A client that left mid-write: the disconnect watch ends the run."""
+        with suppress(OSError):
+            await self._write(send, self.shapes.content_chunk(text))
+
     async def _keep_alive(self, send: Any) -> None:
         """Until the run ends: a keep-alive comment after each `keepalive` seconds without a write."""
         task = self.answer.task
@@ -202,7 +207,7 @@ class EventStream(Response):
                 item = queue.get_nowait()
                 continue
             if answer.streaming:  # the model streams: from here on the run's task writes each delta
-                answer.deliver = lambda text: self._write(send, shapes.content_chunk(text))
+                answer.deliver = lambda text: self._deliver(send, text)
                 await self._keep_alive(send)
                 break
             try:
@@ -232,8 +237,8 @@ _WAITING = object()  # no delta yet: the response has started, the run has not s
 async def _first(answer: Answer, gone: asyncio.Task[None], wait: float) -> str | None | object:
     """STARTED (the model accepted the request), the first delta, END, or _WAITING after `wait` seconds
     (the response then starts, so keep-alive comments can hold the connection open through a slow
-    retrieval). Until then a failure (a bad input, the model's 429...) can still be a proper HTTP error
-    status. The response's head goes out while the model thinks, so the first token is one write."""
+    retrieval). Until then a failure (a bad input, the model's 429...) is still an HTTP error status;
+    after, an error event. The head goes out while the model thinks, so the first token is one write."""
     get = asyncio.ensure_future(answer.queue.get())
     try:
         await asyncio.wait({get, gone}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
