@@ -353,6 +353,20 @@ def test_model_stream_broken_midway_delivers_the_text_then_an_error(served, llm)
     assert caught.value.body and caught.value.body["type"] == "server_error"
 
 
+def test_model_stream_broken_before_its_first_text_is_an_error_event(served, llm) -> None:
+    # The model accepted the request (200), so the response had started: as with OpenAI, the failure
+    # comes as an error event, which the SDK raises; no text, no [DONE].
+    llm.script(Reply(text=["Never", " sent"], disconnect_after=0))
+    got: list[str] = []
+    stream = served.client().chat.completions.create(model=served.name, messages=user("q"), stream=True)
+    assert stream.response.status_code == 200
+    with pytest.raises(openai.APIError) as caught:
+        for chunk in stream:
+            got.append(text_of([chunk]))
+    assert "".join(got) == "" and "broke" in caught.value.message
+    assert caught.value.body and caught.value.body["type"] == "server_error"
+
+
 def test_model_stream_broken_midway_is_not_a_complete_plain_answer(served, llm) -> None:
     llm.script(Reply(text=["Partial", " answer", " then", " gone"], disconnect_after=2))
     with pytest.raises(openai.APIStatusError) as caught:  # never a 200 that claims finish_reason "stop"
