@@ -411,7 +411,7 @@ def test_processes_opening_a_new_sqlite_file_at_once_all_get_in(tmp_path) -> Non
     # another process switches it too; before the fix about one round in four lost a process.
     import multiprocessing
 
-    with multiprocessing.get_context("fork").Pool(8) as pool:
+    with multiprocessing.get_context("spawn").Pool(8) as pool:  # not fork: this process has threads
         for round_ in range(30):
             path = str(tmp_path / f"{round_}.sqlite3")
             assert pool.map(_open_fresh, [path] * 8) == ["ok"] * 8, f"round {round_}"
