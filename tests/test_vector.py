@@ -241,6 +241,33 @@ def test_changed_file_is_re_embedded(pg, llm, write_flow, tmp_path) -> None:
     assert pg.execute("SELECT content FROM documents WHERE id = 'docs/cats.md#0'")[0][0].endswith("laser pointers.")
 
 
+def test_a_file_that_shrank_loses_its_extra_chunks_and_nothing_else(pg, llm, write_flow, tmp_path) -> None:
+    _docs(tmp_path)
+    long = " ".join(f"Sentence {i} about cats and their long naps in the sun." for i in range(30))
+    (tmp_path / "docs/cats.md").write_text("# Cats\n\n" + long)
+    env = {**pg.env, "TEST_OPENAI_BASE_URL": llm.base_url}
+    ingest = write_flow(INGEST.format(embedding="{connection: llm, model: text-embedding-3-small, dimensions: 64}"))
+    assert run_cli("run", str(ingest), env=env).returncode == 0
+    before = [r[0] for r in pg.execute("SELECT id FROM documents WHERE id LIKE 'docs/cats.md#%' ORDER BY id")]
+    assert len(before) >= 4
+    # A row of the user's own with a look-alike id, and one for a file the globs do not match.
+    pg.execute("INSERT INTO documents SELECT 'cats#1', content, metadata, embedding FROM documents LIMIT 1")
+    pg.execute("INSERT INTO documents SELECT 'other/cats.md#7', content, metadata, embedding FROM documents LIMIT 1")
+    (tmp_path / "docs/cats.md").write_text("# Cats\n\nCats nap.")
+    out = run_cli("run", str(ingest), "--sink", "jsonl:-", env=env)
+    assert out.returncode == 0, out.stderr
+    done = [json.loads(line) for line in out.stdout.splitlines() if '"step_finished"' in line][0]["outputs"]
+    assert done["removed"] == len(before) - 1 and done["upserted"] == 1 and done["unchanged"] == 2
+    ids = [r[0] for r in pg.execute("SELECT id FROM documents ORDER BY id")]
+    assert ids == ["cats#1", "docs/cats.md#0", "docs/notes.txt#0", "docs/pg.md#0", "other/cats.md#7"]
+    again = run_cli("run", str(ingest), "--sink", "jsonl:-", env=env)
+    assert [json.loads(line) for line in again.stdout.splitlines() if '"step_finished"' in line][0]["outputs"][
+        "removed"] == 0
+    (tmp_path / "docs/cats.md").write_text("")  # emptied: no chunk at all any more
+    assert run_cli("run", str(ingest), env=env).returncode == 0
+    assert [r[0] for r in pg.execute("SELECT id FROM documents WHERE id LIKE 'docs/cats%'")] == []
+
+
 def test_upsert_without_create_into_a_missing_table(pg, llm, write_flow, tmp_path) -> None:
     _docs(tmp_path)
     flow = write_flow(INGEST.format(embedding="{connection: llm, model: m}").replace("create: true", "create: false"))

@@ -40,6 +40,7 @@ class VectorUpsertStep(Step):
     }
     required = ("connection", "table", "embedding")
     outputs = {"upserted": "chunks embedded and written", "unchanged": "chunks already stored as they are",
+               "removed": "stored chunks of these files that they no longer have (the file shrank)",
                "chunks": "chunks in all", "ids": "the ids of all chunks"}
     example = """\
 - id: ingest
@@ -70,8 +71,9 @@ class VectorUpsertStep(Step):
         p = ctx.props
         vt = VectorTable.from_props(p)
         size, overlap = int(p.get("chunk_size", 1000)), int(p.get("chunk_overlap", 200))
+        sources: list[str] = []  # the files read, even those now empty
         if p.get("files") is not None:
-            chunks = _file_chunks(p["files"], Path(ctx.run.flow.file).parent, size, overlap)
+            chunks = _file_chunks(p["files"], Path(ctx.run.flow.file).parent, size, overlap, sources)
         else:
             chunks = _document_chunks(p["documents"], size, overlap)
         db = await ctx.connection()
@@ -101,8 +103,15 @@ class VectorUpsertStep(Step):
                 raise explain_db_error(e, vt, db.where) from None
             done += len(part)
             yield Progress(ctx.step_id, done, total, "embedded and upserted")
-        yield Outputs({"upserted": len(todo), "unchanged": total - len(todo), "chunks": total,
-                       "ids": [c[0] for c in chunks]})
+        ids, removed = [c[0] for c in chunks], 0
+        if sources:  # ids are ours (`<file>#<n>`); a document's id is its author's
+            try:  # after every upsert went in: a failed run leaves the old chunks in place, not none
+                status = await db.pool.execute(vt.stale_sql(), sources, ids)
+            except Exception as e:
+                raise explain_db_error(e, vt, db.where) from None
+            removed = int(status.split()[-1])
+        yield Outputs({"upserted": len(todo), "unchanged": total - len(todo), "removed": removed, "chunks": total,
+                       "ids": ids})
 
 
 Chunk = tuple[str, str, dict[str, Any]]  # id, content, metadata
@@ -128,7 +137,8 @@ async def _stored(db: Any, vt: Any, ids: list[str], *, create: bool) -> dict[str
     return {r[0]: (r[1], r[2]) for r in rows}
 
 
-def _file_chunks(globs: str | list[str], base: Path, size: int, overlap: int) -> list[Chunk]:
+def _file_chunks(globs: str | list[str], base: Path, size: int, overlap: int, sources: list[str]) -> list[Chunk]:
+    """The chunks of the files the globs match; their paths (as in the ids) are added to `sources`."""
     patterns = [globs] if isinstance(globs, str) else list(globs)
     files: list[Path] = []
     for pattern in patterns:
@@ -145,6 +155,7 @@ def _file_chunks(globs: str | list[str], base: Path, size: int, overlap: int) ->
         except (OSError, UnicodeDecodeError) as e:
             raise StepFailed(f"cannot read {file}: {e}") from None
         source = str(file.relative_to(base)) if file.is_relative_to(base) else str(file)
+        sources.append(source)
         title = next((line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#")), None)
         for i, piece in enumerate(chunk_text(text, size, overlap)):
             meta = {"source": source, "chunk": i, **({"title": title} if title else {})}

@@ -98,6 +98,14 @@ class VectorTable:
             f"{c['metadata']} = EXCLUDED.{c['metadata']}, {c['embedding']} = EXCLUDED.{c['embedding']}"
         )
 
+    def stale_sql(self) -> str:
+        """Deletes the chunks of the given files ($1: their paths; a chunk's id is the path, '#' and its
+        number) that are not among the current chunk ids ($2): what is left over from a longer version
+        of the file. One scan, with a hashed IN on the id without its '#number'."""
+        c = self.columns
+        return (f"DELETE FROM {self.sql_table} WHERE regexp_replace({c['id']}::text, '#[0-9]+$', '') = ANY($1::text[]) "
+                f"AND NOT ({c['id']}::text = ANY($2::text[]))")
+
     def existing_sql(self) -> str:
         c = self.columns
         return (f"SELECT {c['id']}::text, md5({c['content']}), {c['metadata']} FROM {self.sql_table} "
