@@ -39,6 +39,8 @@ def test_defaults_fill_in() -> None:
     "name, value, message",
     [
         ("i", "seven", "input 'i': expected an integer, got 'seven'"),
+        ("i", "1_000", "input 'i': expected an integer, got '1_000'"),  # Python would take it
+        ("f", "2_5.0", "input 'f': expected a number, got '2_5.0'"),
         ("f", "lots", "input 'f': expected a number"),
         ("b", "maybe", "input 'b': expected true or false"),
         ("a", "[1,", "input 'a': expected JSON for an array"),

@@ -48,11 +48,15 @@ def _parse_text(t: str, text: str) -> Any:
         return text
     if t == "integer":
         try:
+            if "_" in text:  # Python's int() takes 1_000; a flow's user means something else, or a typo
+                raise ValueError
             return int(text.strip())
         except ValueError:
             raise InputError(f"expected an integer, got {text!r}") from None
     if t == "number":
         try:
+            if "_" in text:
+                raise ValueError
             return float(text) if any(c in text for c in ".eE") or text.strip().lower() in ("inf", "nan") else int(text)
         except ValueError:
             raise InputError(f"expected a number, got {text!r}") from None
