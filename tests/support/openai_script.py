@@ -2,7 +2,7 @@
 
 This module is pure (no sockets): it turns a `Reply` plus the request body into the exact SSE events
 (bytes) or JSON bodies that `openai_server.py` writes on the wire. The shapes follow
-`shared/reference/openai-streaming-wire-format.md` and the recorded real streams.
+OpenAI's streaming wire format and the real streams recorded in `tests/data/recorded-streams/`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import re
 import secrets
 import string
@@ -24,15 +23,8 @@ from types import EllipsisType
 from typing import Any
 
 
-def _shared_dir() -> Path:
-    env = os.environ.get("FLOWRUNNER_SHARED")
-    if env:
-        return Path(env)
-    # tests/support/openai_script.py -> parents[2] is the repo; `shared/` sits beside it.
-    return Path(__file__).resolve().parents[2].parent / "shared"
-
-
-RECORDINGS: Path = _shared_dir() / "reference" / "recorded-streams"
+# Real streams recorded from the OpenAI API, kept in the repository: a fresh clone has nothing beside it.
+RECORDINGS: Path = Path(__file__).resolve().parents[1] / "data" / "recorded-streams"
 
 DEFAULT_TEXT = "Hello from the flowrunner test server."
 DEFAULT_CHAT_MODEL = "gpt-4o-mini"
