@@ -47,6 +47,10 @@ demo: $(RUNSTAMP)
 	$(BIN)/flowrunner run flows/ingest_docs.yaml -i model="$(EMBEDDING_MODEL)"
 	$(BIN)/flowrunner run flows/rag_chat.yaml -i model="$(CHAT_MODEL)" -i embedding_model="$(EMBEDDING_MODEL)" \
 	  -i question="$(QUESTION)"
+	@# The server outlives make (the next run attaches at once): say so, and how to stop it.
+	@echo
+	@echo "The embedded PostgreSQL keeps running in the background for the next runs: $$($(BIN)/flowrunner db status)"
+	@echo "Stop it with: $(BIN)/flowrunner db stop   (its data stays; the next run starts it again)"
 
 # The ODBC driver manager and psqlODBC: the sqlserver connection's pyodbc code path runs for real
 # against the test PostgreSQL through them (no SQL Server can run here).

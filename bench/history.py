@@ -124,9 +124,10 @@ class Raw:
 
 async def bench_backend(backend: str, env: dict[str, str], iterations: int) -> dict[str, float]:
     from flowrunner.connections.pool import Connections
-    from flowrunner.engine import Run, StepContext
+    from flowrunner.engine import Run
     from flowrunner.flow.build import load_flow_text
     from flowrunner.history.access import store_of
+    from flowrunner.steps.context import StepContext
     from flowrunner.steps.history_load import HistoryLoadStep
     from flowrunner.steps.history_save import HistorySaveStep
 

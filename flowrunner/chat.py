@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from .errors import EXIT_FAILED, EXIT_OK
+from .report import print_error
 
 
 def chat_loop(flow_path: Path, conversation_id: str | None, extra: dict[str, str], message_input: str | None,
@@ -26,7 +27,8 @@ def chat_loop(flow_path: Path, conversation_id: str | None, extra: dict[str, str
     flow = load_flow_with(flow_path, connections_file)
     chat = ChatInputs.of(flow, message_input)
     conversation = conversation_id or f"chat-{uuid.uuid4().hex[:12]}"
-    logs.configure(obj.get("log_format"), obj.get("log_level"), quiet_runs=obj.get("log_level") is None)
+    logs.configure(obj.get("log_format"), obj.get("log_level"), quiet_runs=obj.get("log_level") is None,
+                   errors_printed=True)
     tty = sys.stdin.isatty()
     if tty:
         import readline  # noqa: F401 - line editing and history for input()
@@ -34,11 +36,14 @@ def chat_loop(flow_path: Path, conversation_id: str | None, extra: dict[str, str
         where = (f"conversation {conversation} (continue it later with --conversation {conversation})"
                  if chat.keeps_history else "this conversation lives as long as the session")
         click.echo(f"{flow.name}: {where}. Ctrl-C stops an answer, Ctrl-D exits.", err=True)
-    chat.turn("check", conversation_id=conversation, extra=extra, extra_is_text=True)  # wrong inputs: exit 2 now
+    first = chat.turn("check", conversation_id=conversation, extra=extra, extra_is_text=True)  # wrong inputs: exit 2 now
     earlier: list[dict[str, Any]] = []  # the turns so far, for flows that keep no history of their own
     failed = False
     with asyncio.Runner() as runner:
         connections = Connections(flow)
+        from .engine import Run
+
+        Run(flow, first[0], connections=connections, client_history=first[1])  # an unset ${env.X}: exit 2 now
         try:
             while True:
                 try:
@@ -70,7 +75,6 @@ def chat_loop(flow_path: Path, conversation_id: str | None, extra: dict[str, str
 async def _turn(chat: Any, connections: Any, text: str, conversation: str, earlier: list[dict[str, Any]],
                 extra: dict[str, str], obj: dict[str, Any]) -> str | None:
     """Runs the flow for one message; streams the answer; returns it, or None when the run failed."""
-    from .cli import print_error
     from .engine import Run
     from .sinks.stdout import StdoutSink
 

@@ -1,6 +1,8 @@
-"""The command line: the Click group, the one asyncio.run, the one place that prints errors.
+"""The command line: the Click group, its commands, and the last stop of every error (printed by
+report.print_error, which the commands' own modules use too).
 
-Imports stay lazy: `--help` and `validate` never import openai, asyncpg or pyodbc."""
+Imports stay lazy: `--help` and `validate` never import openai, asyncpg or pyodbc; `validate`'s
+start-up is import time (bench/startup.py)."""
 
 from __future__ import annotations
 
@@ -11,17 +13,65 @@ from typing import Any
 import click
 
 from . import __version__
-from .errors import EXIT_INTERRUPTED, FlowDefinitionError, FlowError, Problem
+from .errors import EXIT_INTERRUPTED, FlowError, Problem
+from .report import print_error
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def _set_global(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Store a global option in the shared ctx.obj. Given before the command or after it, it counts:
+    a command's own copy leaves the value unchanged when not given (it cannot undo the group's)."""
+    obj = ctx.ensure_object(dict)
+    if value or param.name not in obj:
+        obj[param.name] = value
+    debug, verbose, quiet = (obj.get(name, False) for name in ("debug", "verbose", "quiet"))
+    obj["log_level"] = "debug" if debug else "info" if verbose else "error" if quiet else None
+    return value
+
+
+def _global_options() -> list[click.Option]:
+    """The options of the whole program, accepted before the command and after it, so that
+    `flowrunner run flow.yaml --debug` works and each command's --help lists them."""
+    common: dict[str, Any] = {"expose_value": False, "callback": _set_global}
+    return [
+        click.Option(["--debug"], is_flag=True, help="Show tracebacks and debug logs.", **common),
+        click.Option(["--log-format"], type=click.Choice(["console", "json"]), default=None,
+                     help="Log lines on stderr (default: console on a terminal, json otherwise).", **common),
+        click.Option(["-v", "--verbose"], is_flag=True, help="Log each step (info level).", **common),
+        click.Option(["-q", "--quiet"], is_flag=True, help="Log errors only.", **common),
+    ]
+
+
+class _Command(click.Command):
+    """A command that takes the global options too, after its own. They are made when the command
+    is parsed or its help shown, so only the command that runs pays for them."""
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        if not any(param.name == "debug" for param in self.params):
+            self.params.extend(_global_options())
+        return super().get_params(ctx)
+
+
+class _Group(click.Group):
+    """A failed read or write that no command caught (stdout on a full disk, or closed by `| head`)
+    becomes a FlowError here, before click's own handler would make a closed stdout a silent exit 1.
+    Its commands are _Commands, its groups (`db`) _Groups."""
+
+    command_class = _Command
+    group_class = type
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except OSError as e:
+            from .files import os_error
+
+            raise os_error(e) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+             params=_global_options())
 @click.version_option(__version__, prog_name="flowrunner")
-@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
-@click.option("--log-format", type=click.Choice(["console", "json"]), default=None,
-              help="Log lines on stderr (default: console on a terminal, json otherwise).")
-@click.option("-v", "--verbose", is_flag=True, help="Log each step (info level).")
-@click.option("-q", "--quiet", is_flag=True, help="Log errors only.")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool, log_format: str | None, verbose: bool, quiet: bool) -> None:
+def cli(ctx: click.Context) -> None:
     """Run declarative YAML flows for LLM chat backends.
 
     \b
@@ -29,19 +79,41 @@ def cli(ctx: click.Context, debug: bool, log_format: str | None, verbose: bool, 
     flowrunner validate flows/
     flowrunner steps set
     """
-    level = "debug" if debug else "info" if verbose else "error" if quiet else None
-    ctx.obj = {"debug": debug, "log_format": log_format, "log_level": level}
+    ctx.ensure_object(dict)
 
 
-_CONNECTIONS = click.option("--connections", "connections_file", type=click.Path(dir_okay=False, path_type=Path),
+class _FlowFile(click.Path):
+    """A command's FLOW argument: one flow file. A folder gets a better answer than click's "is a
+    directory": `validate` is the command that takes folders."""
+
+    def __init__(self) -> None:
+        super().__init__(path_type=Path)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        path = super().convert(value, param, ctx)
+        if Path(path).is_dir():
+            command = ctx.command_path if ctx else "flowrunner"
+            self.fail(f"{click.format_filename(value)!r} is a folder: {command} takes one flow file "
+                      f"(flowrunner validate {click.format_filename(value)} checks every flow in a folder)",
+                      param, ctx)
+        return path
+
+
+# One instance of each path type, shared: click translates a path type's name with gettext when it
+# is made, which searches the disk for translation catalogues each time (a third of this module's
+# import time with a type per option).
+_FLOW = _FlowFile()
+_FILE = click.Path(dir_okay=False, path_type=Path)
+_FOLDER = click.Path(file_okay=False, path_type=Path)
+_CONNECTIONS = click.option("--connections", "connections_file", type=_FILE,
                             help="Connections from a separate YAML file (they override the flow's own).")
 
 
 @cli.command()
-@click.argument("flow", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("flow", type=_FLOW)
 @click.option("-i", "--input", "pairs", multiple=True, metavar="NAME=VALUE",
               help="A flow input; coerced to its declared type. Repeat for more.")
-@click.option("--inputs-file", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--inputs-file", type=_FILE,
               help="Inputs from a JSON or YAML mapping (-i values override it).")
 @_CONNECTIONS
 @click.option("--sink", default=None, metavar="SINK",
@@ -50,9 +122,9 @@ _CONNECTIONS = click.option("--connections", "connections_file", type=click.Path
               help="json: print the flow's outputs as one JSON object at the end.")
 @click.option("--dry-run", is_flag=True,
               help="Run every step but the chat model call; print the exact request each chat step would send.")
-@click.option("--record", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+@click.option("--record", type=_FILE, metavar="FILE",
               help="Save the model's streamed replies (and embeddings) to FILE, for --replay.")
-@click.option("--replay", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+@click.option("--replay", type=_FILE, metavar="FILE",
               help="Play the replies recorded in FILE instead of calling the model (offline, deterministic).")
 @click.pass_obj
 def run(obj: dict[str, Any], flow: Path, pairs: tuple[str, ...], inputs_file: Path | None,
@@ -66,8 +138,8 @@ def run(obj: dict[str, Any], flow: Path, pairs: tuple[str, ...], inputs_file: Pa
 
 
 @cli.command()
-@click.argument("flow", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--inputs", "inputs_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+@click.argument("flow", type=_FLOW)
+@click.option("--inputs", "inputs_path", required=True, type=_FILE,
               help="JSONL (one object per line) or CSV (a header row): one flow run per line or row.")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default=None,
               help="The inputs file's format (default: from its extension; .csv/.tsv are CSV).")
@@ -75,7 +147,7 @@ def run(obj: dict[str, Any], flow: Path, pairs: tuple[str, ...], inputs_file: Pa
               help="Feed a flow input from a column (or JSON key) of another name. Repeat for more.")
 @click.option("-i", "--input", "pairs", multiple=True, metavar="NAME=VALUE",
               help="An input with the same value for every item (a row's own value wins).")
-@click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--output", type=_FILE,
               help="Results file, one JSON line per item (default: stdout).")
 @click.option("--concurrency", type=click.IntRange(1, 1000), default=4, show_default=True,
               help="Items run at the same time.")
@@ -100,27 +172,39 @@ _MESSAGE_INPUT = click.option("--message-input", metavar="NAME",
                                    "prompt, query or input, or the one required string input).")
 
 
+def _body_size(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
+    from .serve.limits import parse_size  # only when serving: the other commands never import serve
+
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 @cli.command()
-@click.argument("flow", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("flow", type=_FLOW)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--api-key", envvar="FLOWRUNNER_API_KEY", default=None,
               help="Require this bearer key from clients (default: $FLOWRUNNER_API_KEY; none: open).")
 @click.option("--keepalive", type=click.FloatRange(min=0.1), default=15.0, show_default=True,
               help="Seconds of silence before a keep-alive comment on a stream.")
+@click.option("--max-body-size", default="4MiB", show_default=True, metavar="SIZE", callback=_body_size,
+              help="Largest request body accepted (bytes, or e.g. 512KiB, 16MiB); a larger one is a 413.")
 @_MESSAGE_INPUT
 @_CONNECTIONS
 @click.pass_obj
 def serve(obj: dict[str, Any], flow: Path, host: str, port: int, api_key: str | None, keepalive: float,
-          message_input: str | None, connections_file: Path | None) -> int:
+          max_body_size: int, message_input: str | None, connections_file: Path | None) -> int:
     """Serve FLOW as an OpenAI-compatible /v1/chat/completions (streaming or not)."""
     from .serve.command import serve as run_server
 
-    return run_server(flow, host, port, connections_file, message_input, api_key, keepalive, obj)
+    return run_server(flow, host, port, connections_file, message_input, api_key, keepalive, obj,
+                      max_body_size=max_body_size)
 
 
 @cli.command()
-@click.argument("flow", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("flow", type=_FLOW)
 @click.option("--conversation", "conversation_id", metavar="ID",
               help="Continue this conversation (default: a new one; its id is printed).")
 @click.option("-i", "--input", "pairs", multiple=True, metavar="NAME=VALUE",
@@ -142,7 +226,7 @@ def chat(obj: dict[str, Any], flow: Path, conversation_id: str | None, pairs: tu
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["text", "json", "github"]), default="text",
               help="github: GitHub Actions annotations.")
-@click.option("--connections", "connections_file", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--connections", "connections_file", type=_FILE,
               help="Connections the flows may use, from a separate YAML file.")
 def validate(paths: tuple[Path, ...], fmt: str, connections_file: Path | None) -> int:
     """Check flow files (and folders of them) offline; exit 1 if any is invalid."""
@@ -162,7 +246,7 @@ def schema() -> int:
 
 @cli.command()
 @click.argument("type_name", required=False, metavar="[TYPE]")
-@click.option("--markdown", "markdown_dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+@click.option("--markdown", "markdown_dir", type=_FOLDER, metavar="DIR",
               help="Write a reference page per step type (and an index) into DIR.")
 def steps(type_name: str | None, markdown_dir: Path | None) -> int:
     """List the step types, or describe one."""
@@ -187,7 +271,7 @@ def db() -> None:
 
 
 @db.command("init")
-@click.argument("flow", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("flow", type=_FLOW)
 @_CONNECTIONS
 def db_init(flow: Path, connections_file: Path | None) -> int:
     """Create the chat-history tables FLOW's history steps use (safe to repeat)."""
@@ -196,7 +280,7 @@ def db_init(flow: Path, connections_file: Path | None) -> int:
     return init_tables(flow, connections_file)
 
 
-_DATA_DIR = click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+_DATA_DIR = click.option("--data-dir", type=_FOLDER,
                          help="Its data directory (default: the user's data directory, or $FLOWRUNNER_DATA_DIR).")
 
 
@@ -224,19 +308,6 @@ def db_stop(data_dir: Path | None) -> int:
     return 0
 
 
-def print_error(error: FlowError, debug: bool = False) -> None:
-    """The one error printer: `Error: file:line:col: path: message` plus a hint, never a traceback
-    unless --debug, never a secret."""
-    from . import secrets
-
-    if debug:
-        import traceback
-
-        click.echo(secrets.redact("".join(traceback.format_exception(error.__cause__ or error))), err=True)
-    for problem in error.problems:
-        click.echo("Error: " + secrets.redact(problem.format()), err=True)
-
-
 def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
@@ -253,8 +324,12 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
         rc = EXIT_INTERRUPTED
-    except BrokenPipeError:
-        rc = 1  # the reader went away (e.g. `| head`); nothing useful left to print
+    except OSError as e:  # a failed write outside a sink (stdout full: 1; its reader gone, `| head`: 141, quietly)
+        from .files import os_error
+
+        error = os_error(e)
+        print_error(error, debug)
+        rc = error.exit_code
     except Exception as e:  # a bug: say so plainly, and keep the traceback for --debug
         print_error(FlowError(Problem(f"internal error: {type(e).__name__}: {e}",
                                       hint="run with --debug for the traceback, and please report it")), debug)
@@ -264,4 +339,4 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(rc if isinstance(rc, int) else 0)
 
 
-__all__ = ["cli", "main", "print_error", "FlowDefinitionError"]
+__all__ = ["cli", "main"]

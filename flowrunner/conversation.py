@@ -6,7 +6,9 @@ The user's message goes to the flow's message input (`question`, `message`, `pro
   history steps load and save it (the store holds the conversation);
 - otherwise the client's messages are the conversation: they go to an array input named `history`
   (or `messages`) if the flow has one, and history_load steps return them instead of reading their
-  store, while history_save steps write nothing (see engine.Run.client_history).
+  store, while history_save steps write nothing (see engine.Run.client_history). A flow with neither
+  (flows/chat.yaml) gets them as the history of each chat step that sets no `history:` itself
+  (default_chat_history): a client's earlier turns are never silently dropped.
 """
 
 from __future__ import annotations
@@ -73,6 +75,20 @@ class ChatInputs:
     def keeps_history(self) -> bool:
         """True when a conversation id is enough: the flow's history steps keep the conversation."""
         return self.conversation is not None and any(s.type == "history_load" for s in self.flow.steps)
+
+
+def default_chat_history(run: Any) -> list[dict[str, Any]] | None:
+    """The history of a chat step that sets no `history:` (engine.Run `run`): the client's earlier
+    messages when the flow has no other way to see them (no history_load step, no history input);
+    otherwise None, as in a plain run."""
+    if run.client_history is None:
+        return None
+    flow = run.flow
+    if any(getattr(flow.inputs.get(n), "type", None) == "array" for n in HISTORY_INPUTS):
+        return None
+    if any(s.type == "history_load" for s in flow.steps):
+        return None
+    return run.client_history
 
 
 def outputs_as_answer(outputs: Mapping[str, Any]) -> str:

@@ -6,6 +6,12 @@
 
 A failed step does not raise out of `events()`: it ends as StepFinished(status="failed"); later
 steps are skipped unless they set run_on_failure, and the run ends failed (exit 1 in the CLI).
+
+Interrupted (Ctrl-C, SIGTERM: the task running the run is cancelled), the step that was running ends
+failed with what it had produced (the chat step's text so far), the steps that set run_on_failure
+still run, within STOP_GRACE seconds in all, so that the turn the user saw is saved; then RunFinished
+(status "interrupted", the outputs so far) is yielded and the cancellation goes on (CancelledError).
+A second interruption stops at once.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import asyncio
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import aclosing
 from typing import Any
 
@@ -27,42 +33,28 @@ from .events import Event, RunFinished, RunStarted, StepFinished, StepRetrying, 
 from .flow.model import Flow, StepSpec
 from .steps import STEP_TYPES
 from .steps.base import Outputs, Step
+from .steps.context import StepContext
 
 log = structlog.get_logger("flowrunner")
 
-
-class StepContext:
-    """What a running step sees: its resolved properties and the run's connections."""
-
-    def __init__(self, spec: StepSpec, props: dict[str, Any], run: Run, attempt: int) -> None:
-        self.spec = spec
-        self.props = props
-        self.run = run
-        self.attempt = attempt
-        self.partial: Callable[[], dict[str, Any]] | None = None  # set by steps that stream
-
-    def partial_outputs(self) -> dict[str, Any]:
-        """What the step has produced so far, for when it is stopped from outside (a timeout)."""
-        return dict(self.partial()) if self.partial else {}
-
-    @property
-    def step_id(self) -> str:
-        return self.spec.id
-
-    async def connection(self, name: str | None = None) -> Any:
-        return await self.run.connections.get(name or self.props["connection"])
-
-    def resolved_connection(self, name: str | None = None) -> Any:
-        return self.run.connections.resolved[name or self.props["connection"]]
+STOP_GRACE = 5.0  # seconds that run_on_failure steps get, all together, after an interruption
 
 
 class Run:
     def __init__(self, flow: Flow, inputs: Mapping[str, Any], *, connections: Connections | None = None,
                  run_id: str | None = None, env: Mapping[str, str] | None = None, llm_mode: Any = None,
-                 client_history: list[dict[str, Any]] | None = None) -> None:
+                 client_history: list[dict[str, Any]] | None = None, turn_id: str | None = None) -> None:
         self.flow = flow
         self.inputs = dict(inputs)
         self.run_id = run_id or uuid.uuid4().hex[:12]
+        # What history_save steps save this run's turn under (unless a step sets turn_id): a run that
+        # repeats an earlier one (a batch item run again by --resume) passes the same id, so the turn
+        # it saves again replaces the earlier one instead of being added twice.
+        self.turn_id = turn_id or self.run_id
+        self.interrupted = False
+        self.interruption: FlowError | None = None  # the error of the step that was interrupted
+        self.stop_grace = STOP_GRACE
+        self._grace_until: float | None = None  # the loop time at which run_on_failure steps are stopped
         self._own_connections = connections is None
         self.connections = connections or Connections(flow, os.environ if env is None else env)
         self.variables: dict[str, Any] = {}
@@ -74,13 +66,28 @@ class Run:
         # `serve`: the conversation a client sent with its request. history_load steps return it instead
         # of reading their store, and history_save steps write nothing: the client keeps the conversation.
         self.client_history = client_history
+        # Each chat step's messages as last sent, by step id: `serve` counts their tokens itself when
+        # the model's server reports no usage (llama.cpp, Ollama, most mocks).
+        self.chat_messages: dict[str, list[dict[str, Any]]] = {}
+        # Every unset ${env.X} that the steps' connections need, now and in one error: a run never
+        # stops over one after it has done some work (a name from a reference is checked when used).
+        self.connections.check_env(name for spec in flow.steps
+                                   for name in STEP_TYPES[spec.type].connections_used(spec, self))
 
     @property
     def error(self) -> FlowError | None:
         return self.errors[0] if self.errors else None
 
     def scope(self) -> refs.Scope:
-        return refs.Scope(self.inputs, self.variables, self.step_outputs)
+        optional = {spec.id: STEP_TYPES[spec.type].optional_outputs for spec in self.flow.steps}
+        return refs.Scope(self.inputs, self.variables, self.step_outputs, optional=optional)
+
+    def _absent_warnings(self, scope: refs.Scope, where: str, step: str | None = None) -> list[Warning]:
+        """One warning per reference that read null inside an optional output (refs.Scope.optional)."""
+        warnings = [Warning(step, f"{where}: {message}") for message in dict.fromkeys(scope.absent)]
+        for warning in warnings:
+            log.warning(secrets.redact(warning.message))
+        return warnings
 
     async def events(self) -> AsyncIterator[Event]:
         started = time.monotonic()
@@ -88,33 +95,69 @@ class Run:
         yield RunStarted(self.run_id, self.flow.name, self.inputs)
         log.info("run started", flow=self.flow.name, file=self.flow.file)
         try:
-            for spec in self.flow.steps:
-                if self.errors and not spec.run_on_failure:
-                    yield StepFinished(spec.id, "skipped")
-                    continue
-                async with aclosing(self._run_step(spec)) as step_events:
-                    async for event in step_events:
-                        yield event
-            if not self.errors:
-                self._finish_outputs()
+            try:
+                for spec in self.flow.steps:
+                    if self.errors and not spec.run_on_failure:
+                        yield StepFinished(spec.id, "skipped")
+                        continue
+                    async with aclosing(self._run_step(spec)) as step_events:
+                        async for event in step_events:
+                            yield event
+            except asyncio.CancelledError:  # interrupted again (or outside a step): no more steps
+                self.interrupted = True
+            if self.interrupted:
+                self.outputs = self._outputs_so_far()
+            elif not self.errors:
+                for warning in self._finish_outputs():
+                    yield warning
         finally:
             if self._own_connections:
                 await self.connections.__aexit__(None, None, None)
-        self.status = "failed" if self.errors else "ok"
+        self.status = "interrupted" if self.interrupted else "failed" if self.errors else "ok"
         duration = time.monotonic() - started
         log.info("run finished", status=self.status, duration=round(duration, 3))
         structlog.contextvars.unbind_contextvars("run_id", "step")
         yield RunFinished(self.run_id, self.status, self.outputs,
                           secrets.redact(str(self.error)) if self.error else None, duration)
+        if self.interrupted:  # the run's own clean-up is done: the cancellation goes on to its caller
+            raise asyncio.CancelledError
 
-    def _finish_outputs(self) -> None:
+    def _outputs_so_far(self) -> dict[str, Any]:
+        """An interrupted run's outputs: each one resolved from what the steps produced before the stop;
+        what no step produced reads null."""
+        if not self.flow.outputs:
+            return dict(self.variables)
+        scope = self.scope()
+        scope.missing_is_null = True
+        outputs: dict[str, Any] = {}
+        for name, value in self.flow.outputs.items():
+            try:
+                outputs[name] = refs.resolve(value, scope)
+            except refs.RefValueError:
+                outputs[name] = None
+        return outputs
+
+    def _interrupt(self) -> None:
+        """The first interruption: take back the cancellation for the run_on_failure steps' grace time
+        (CancelledError is raised again when the run is over), and start that time."""
+        self.interrupted = True
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        self._grace_until = asyncio.get_running_loop().time() + self.stop_grace
+        if any(spec.run_on_failure for spec in self.flow.steps):
+            log.info("interrupted: the run_on_failure steps still run", within=self.stop_grace)
+
+    def _finish_outputs(self) -> list[Warning]:
         if not self.flow.outputs:
             self.outputs = dict(self.variables)
-            return
+            return []
+        scope = self.scope()
         try:
-            self.outputs = refs.resolve(dict(self.flow.outputs), self.scope())
+            self.outputs = refs.resolve(dict(self.flow.outputs), scope)
         except refs.RefValueError as e:
             self.errors.append(FlowRuntimeError(Problem(f"flow outputs: {e}", self.flow.source.location(("outputs",)))))
+        return self._absent_warnings(scope, "flow outputs")
 
     async def _run_step(self, spec: StepSpec) -> AsyncIterator[Event]:
         cls = STEP_TYPES[spec.type]
@@ -124,8 +167,11 @@ class Run:
         failure: FlowError | None = None
         attempt = 0
         timeout: float | None = None
+        ctx: StepContext | None = None
         try:
-            props, timeout = self._resolve(spec)
+            props, timeout, warnings = self._resolve(spec)
+            for warning in warnings:
+                yield warning
             while True:
                 attempt += 1
                 yield StepStarted(spec.id, spec.type, spec.title, attempt)
@@ -149,7 +195,7 @@ class Run:
                     # What the step had produced: its error's outputs, or on a timeout what it
                     # published as it went (the chat step's text so far).
                     outputs = dict(e.outputs) if isinstance(e, StepFailed) else ctx.partial_outputs()
-                    if retryable and not sent and attempt < spec.retry.attempts:
+                    if retryable and not sent and attempt < spec.retry.attempts and not self.interrupted:
                         delay = min(spec.retry.backoff * 2 ** (attempt - 1), spec.retry.max_backoff)
                         message = _message(e, timeout)
                         log.warning("step retrying", error=secrets.redact(message), delay=delay)
@@ -157,12 +203,22 @@ class Run:
                         await asyncio.sleep(delay)
                         continue
                     raise
+        except asyncio.CancelledError:
+            if self.interrupted:  # the second Ctrl-C (or SIGTERM): stop at once
+                raise
+            self._interrupt()
+            if ctx is not None and ctx.partial is not None:  # e.g. the chat step's text so far
+                outputs = ctx.partial_outputs()
+            failure = self.interruption = FlowRuntimeError(Problem(f"{spec.label} was interrupted", spec.location))
         except FlowDefinitionError as e:  # e.g. a connection's env var is missing: still the user's setup
             failure = e
+            if self.step_outputs:  # ...but once a step has run, the run failed (exit 1, not 2)
+                failure = self._failure(spec, e.message, e.problems[0].hint, attempt)
         except (StepFailed, TimeoutError) as e:
             failure = self._failure(spec, _message(e, timeout),
                                     e.problems[0].hint if isinstance(e, StepFailed) else None, attempt)
             failure.http_status = e.http_status if isinstance(e, StepFailed) else 504
+            failure.http_headers = e.http_headers if isinstance(e, StepFailed) else None
         except refs.RefValueError as e:
             failure = self._failure(spec, str(e), "the reference resolved to nothing at run time", attempt)
         except FlowRuntimeError as e:
@@ -175,14 +231,17 @@ class Run:
         duration = time.monotonic() - started
         if failure is not None:
             self.errors.append(failure)
-            log.error("step failed", error=secrets.redact(failure.message), duration=round(duration, 3))
+            if failure is self.interruption:  # the person stopped it: not an error of the flow's
+                log.warning("step interrupted", duration=round(duration, 3))
+            else:
+                log.error("step failed", error=secrets.redact(failure.message), duration=round(duration, 3))
             yield StepFinished(spec.id, "failed", outputs, secrets.redact(str(failure)), duration)
         else:
             log.info("step finished", duration=round(duration, 3))
             yield StepFinished(spec.id, "ok", outputs, None, duration)
         structlog.contextvars.unbind_contextvars("step")
 
-    def _resolve(self, spec: StepSpec) -> tuple[dict[str, Any], float | None]:
+    def _resolve(self, spec: StepSpec) -> tuple[dict[str, Any], float | None, list[Warning]]:
         """The step's properties with references replaced; values that came through a reference are
         checked against the step's schema now, as literal values were when the flow was loaded."""
         from .flow.schema import runtime_problems
@@ -196,26 +255,43 @@ class Run:
             if problems:
                 raise FlowRuntimeError(Problem(problems[0], hint="a ${...} reference resolved to a value "
                                                                  "this property does not take"))
+            allowed = STEP_TYPES[spec.type].connection_types
+            if "connection" in templated and allowed:  # a name from a reference: declared, and of the right type?
+                self.connections.check(props["connection"], allowed, f"a {spec.type} step",
+                                       f"connection {_text_of(spec.props['connection'])} is {props['connection']!r}")
         timeout = refs.resolve(spec.timeout, scope)
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
             raise FlowRuntimeError(Problem(f"timeout must be a positive number of seconds, got {timeout!r}"))
-        return props, timeout
+        return props, timeout, self._absent_warnings(scope, spec.label, spec.id)
 
     async def _attempt(self, step: Step, ctx: StepContext, timeout: float | None) -> AsyncIterator[Any]:
         """The step's own events. The timeout covers only the step's work: it wraps each `anext`,
-        so a cancellation never lands in the consumer's code while the step waits at a `yield`."""
+        so a cancellation never lands in the consumer's code while the step waits at a `yield`; and
+        opening a connection pauses it (stepclock.py). After an interruption, the grace time bounds
+        the step too, connection opening included."""
+        from .stepclock import StepClock
+
         agen = step.run(ctx)
-        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        loop = asyncio.get_running_loop()
+        clock = StepClock(None if timeout is None else loop.time() + timeout)
+        grace = self._grace_until
+        stop: asyncio.Timeout | None = None
         try:
             while True:
                 try:
-                    if deadline is None:
+                    if clock.deadline is None and grace is None:  # the common case: nothing to time
                         item = await agen.__anext__()
                     else:
-                        async with asyncio.timeout_at(deadline):
+                        async with asyncio.timeout_at(grace) as stop, clock.timing():
                             item = await agen.__anext__()
                 except StopAsyncIteration:
                     return
+                except TimeoutError:
+                    if stop is not None and stop.expired():
+                        raise StepFailed(f"stopped: the run was interrupted, and the {self.stop_grace:g} s that "
+                                         "run_on_failure steps get after an interruption ran out",
+                                         outputs=ctx.partial_outputs()) from None
+                    raise
                 yield item
         finally:
             await agen.aclose()
@@ -238,3 +314,8 @@ def _message(e: BaseException, timeout: float | None) -> str:
     if isinstance(e, FlowError):
         return e.message
     return str(e)
+
+
+def _text_of(template: refs.Template) -> str:
+    """A template as written in the flow (e.g. ${inputs.db})."""
+    return "".join(p if isinstance(p, str) else p.text for p in template.parts)

@@ -90,6 +90,7 @@ class FlowRuntimeError(FlowError):
 
     exit_code = 1
     http_status = 500
+    http_headers: dict[str, str] | None = None  # `serve` passes these on (the model's Retry-After with a 429)
 
 
 class StepFailed(FlowRuntimeError):
@@ -105,11 +106,13 @@ class StepFailed(FlowRuntimeError):
         outputs: dict[str, object] | None = None,
         retryable: bool = False,
         http_status: int = 500,
+        http_headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(Problem(message, hint=hint))
         self.outputs = outputs or {}
         self.retryable = retryable
         self.http_status = http_status
+        self.http_headers = http_headers
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str | None:

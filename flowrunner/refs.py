@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 _NAME = r"[A-Za-z_][A-Za-z0-9_-]*"
@@ -150,6 +150,12 @@ class Scope:
     # After a failed step, a run_on_failure step may refer to what the failed step never produced:
     # such a missing name reads as null (the save step then stores what there is), never as an error.
     missing_is_null: bool = False
+    # Outputs a step may leave null although it succeeded (usage from a server that sends none, or in a
+    # dry run): step id -> output names. What a path inside one of them does not find reads as null,
+    # noted in `absent` (the run warns once for each), so a run whose steps all succeeded never fails
+    # over it. A path inside any other output still fails where it finds nothing.
+    optional: Mapping[str, Collection[str]] = field(default_factory=dict)
+    absent: list[str] = field(default_factory=list)
 
     def lookup(self, ref: Ref) -> Any:
         kind = ref.kind
@@ -160,7 +166,16 @@ class Scope:
             seen = ""
         else:
             value, path, seen = roots[kind], ref.path, kind
-        for part in path:
+        inside_optional = kind == "steps" and len(path) > 2 and path[1] in self.optional.get(str(path[0]), ())
+        for depth, part in enumerate(path):
+            if inside_optional and depth >= 2 and (value is None or (
+                    isinstance(value, Mapping) and isinstance(part, str) and part not in value)):
+                if depth == 2 and value is None:
+                    said = f"step '{path[0]}' returned no {path[1]}"
+                else:
+                    said = f"{seen} is null" if value is None else f"{seen} has no '{part}'"
+                self.absent.append(f"{ref.text} is null: {said}")
+                return None
             if isinstance(part, int):
                 if not isinstance(value, list):
                     raise RefValueError(f"{ref.text}: {seen} is {kind_of(value)}, not a list")

@@ -15,6 +15,7 @@ import click
 from .errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_TERMINATED, FlowDefinitionError, Location
 from .events import Event
 from .refs import to_text
+from .report import print_error
 from .sinks import Sink, open_sink
 
 
@@ -41,7 +42,7 @@ def parse_pairs(pairs: tuple[str, ...]) -> dict[str, str]:
 def load_inputs_file(path: Path) -> dict[str, Any]:
     from .flow.load import parse_yaml, read_text
 
-    text = read_text(path)
+    text = read_text(path, "--inputs-file")
     if path.suffix.lower() == ".json":  # JSON proper: YAML rejects some valid JSON (surrogate-pair escapes)
         import json
 
@@ -49,6 +50,9 @@ def load_inputs_file(path: Path) -> dict[str, Any]:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise FlowDefinitionError.at(f"invalid JSON: {e.msg}", Location(str(path), e.lineno, e.colno)) from None
+        except (ValueError, RecursionError) as e:  # an integer of more than 4,300 digits; nesting too deep
+            what = "nested too deeply" if isinstance(e, RecursionError) else "an integer of more than 4300 digits"
+            raise FlowDefinitionError.at(f"invalid JSON: {what}", Location(str(path), 1, 1)) from None
     else:
         data, _ = parse_yaml(text, str(path))
     if not isinstance(data, dict):
@@ -70,7 +74,6 @@ def llm_mode(dry_run: bool, record: Path | None, replay: Path | None) -> Any:
 def run_once(flow_path: Path, pairs: tuple[str, ...], inputs_file: Path | None, connections_file: Path | None,
              sink_spec: str | None, output_format: str, obj: dict[str, Any], mode: Any = None) -> int:
     from . import logs
-    from .cli import print_error
     from .engine import Run
     from .flow.build import load_flow_with
     from .flow.inputs import resolve_inputs
@@ -88,7 +91,7 @@ def run_once(flow_path: Path, pairs: tuple[str, ...], inputs_file: Path | None, 
         sink.close()
         raise FlowDefinitionError.at(f"--sink {sink_spec} and --output json would both write to stdout",
                                      hint="send the events elsewhere, e.g. --sink jsonl:events.jsonl")
-    logs.configure(obj.get("log_format"), obj.get("log_level"))
+    logs.configure(obj.get("log_format"), obj.get("log_level"), errors_printed=True)
 
     stopped_by: int | None = None
     try:
@@ -103,6 +106,9 @@ def run_once(flow_path: Path, pairs: tuple[str, ...], inputs_file: Path | None, 
         if hasattr(mode, "close"):
             mode.close()
     if stopped_by is not None:
+        for error in run.errors:  # e.g. a run_on_failure step that could not save the turn after the stop
+            if error is not run.interruption:
+                print_error(error, obj.get("debug", False))
         click.echo("Interrupted." if stopped_by == EXIT_INTERRUPTED else "Terminated.", err=True)
         return stopped_by
     if run.errors:
@@ -115,7 +121,8 @@ def run_once(flow_path: Path, pairs: tuple[str, ...], inputs_file: Path | None, 
 
 def cancel_on_sigterm() -> Callable[[], bool]:
     """SIGTERM (cron, systemd) stops the current task the way Ctrl-C does: it is cancelled, its streams
-    closed. Returns a check: was it SIGTERM?"""
+    closed, its run_on_failure steps run (bounded: engine.STOP_GRACE); a second one stops it at once.
+    Returns a check: was it SIGTERM?"""
     task = asyncio.current_task()
     terminated = False
 

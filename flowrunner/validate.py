@@ -32,7 +32,7 @@ def validate_paths(paths: tuple[Path, ...], fmt: str, connections_file: Path | N
     from .flow.build import load_connections_file, load_flow
 
     files = collect(paths)
-    extra = load_connections_file(connections_file) if connections_file else None
+    extra = load_connections_file(connections_file, "--connections") if connections_file else None
     results: list[tuple[Path, tuple[Problem, ...]]] = []
     for file in files:
         try:
@@ -43,6 +43,12 @@ def validate_paths(paths: tuple[Path, ...], fmt: str, connections_file: Path | N
             results.append((file, ()))
         except FlowError as e:
             results.append((file, e.problems))
+        except Exception as e:  # a bug in a check: say so for this file, and still check the others
+            results.append((file, (Problem(f"internal error while checking this file: {type(e).__name__}: {str(e)[:200]}",
+                                           Location(str(file), 1, 1),
+                                           hint="please report it (flowrunner --debug validate FILE shows where)"),)))
+            if _debug():
+                raise
     bad = [r for r in results if r[1]]
     if fmt == "json":
         click.echo(json.dumps({
@@ -60,13 +66,22 @@ def validate_paths(paths: tuple[Path, ...], fmt: str, connections_file: Path | N
     return 1 if bad else 0
 
 
+def _debug() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx and isinstance(ctx.obj, dict) and ctx.obj.get("debug"))
+
+
 def _is_connections_file(file: Path) -> bool:
     """A file with a top-level `connections:` and no `steps:` is a connections file, not a flow."""
     import re
 
+    from .files import FLOW_LIMIT, is_regular, read_limited
+
+    if not is_regular(file):  # a FIFO reads once (the loader reports it), /dev/zero never ends
+        return False
     try:
-        text = file.read_text(encoding="utf-8", errors="replace")
-    except OSError:
+        text = read_limited(file, FLOW_LIMIT).decode("utf-8", errors="replace")
+    except FlowError:  # the loader says what is wrong with it
         return False
     keys = set(re.findall(r"^([A-Za-z_]+)\s*:", text, re.MULTILINE))
     return "connections" in keys and not keys & {"steps", "version", "name"}

@@ -116,8 +116,9 @@ def test_the_rag_example_records_and_replays_without_any_model_server(pg, llm, t
     live = run_cli(*args, "--record", str(tape), env=env)
     assert live.returncode == 0, live.stderr
     kinds = [json.loads(line).get("kind", "chat") for line in tape.read_text().splitlines()]
-    assert kinds == ["embedding", "chat"]
-    # Replayed under another (empty) conversation: a replay saves nothing, so it repeats exactly.
+    assert kinds == ["embedding", "history", "chat"]
+    # Replayed under another conversation: a replay saves nothing and serves the recorded history, so it
+    # repeats exactly.
     replay_args = (*args[:-1], "conversation_id=ci")
     served = len(llm.requests)
     for _ in range(2):

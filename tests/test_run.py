@@ -205,8 +205,10 @@ def test_ctrl_c_and_sigterm_stop_cleanly(write_flow, tmp_path: Path, sig: int, c
     stdout, stderr = proc.communicate(timeout=20)
     assert proc.returncode == code, stderr
     assert said in stderr and "Traceback" not in stderr
-    last = events((tmp_path / "ev.jsonl").read_text())[-1]
-    assert last == {"event": "run_finished", "status": "interrupted"}
+    seen = events((tmp_path / "ev.jsonl").read_text())
+    last = seen[-1]  # the engine's own run_finished: its id, status, duration and the outputs so far
+    assert last["event"] == "run_finished" and last["status"] == "interrupted"
+    assert last["run_id"] == seen[0]["run_id"] and last["duration"] > 0 and "outputs" in last
 
 
 @pytest.mark.parametrize("canary", ["sk-canary-7f3a9c1e5b", 'sk-ab"cd\\ef-12345\ttab'])

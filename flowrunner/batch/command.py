@@ -43,6 +43,7 @@ def run_batch(flow_path: Path, inputs_path: Path, fmt: str | None, maps: tuple[s
     tally = Tally(total=reader.count(), skipped=len(results.done))
     bar = sys.stderr.isatty() and obj.get("log_format") != "json" and (output is not None or not sys.stdout.isatty())
     logs.configure(obj.get("log_format"), obj.get("log_level"), quiet_runs=obj.get("log_level") is None)
+    _warn_before(reader, results)
     reporter = (BarReporter if bar else LogReporter)(tally, where)
     batch = Batch(flow, reader, results, tally, reporter, concurrency,
                   RateLimiter(limits) if limits else None, fail_fast)
@@ -55,14 +56,22 @@ def run_batch(flow_path: Path, inputs_path: Path, fmt: str | None, maps: tuple[s
     finally:
         results.close()
         reporter.finish(stopped)
-    if reader.ignored:
-        from .progress import log
-
-        log.warning("columns that feed no input were ignored", columns=sorted(reader.ignored),
-                    hint="--map INPUT=COLUMN feeds an input from a column of another name")
     if stopped:
         return EXIT_INTERRUPTED if stopped == "interrupted" else EXIT_TERMINATED
     return EXIT_FAILED if tally.failed else EXIT_OK
+
+
+def _warn_before(reader: Any, results: Any) -> None:
+    """What the person should know before the items run (and scroll by): ignored columns, and results
+    lines --resume dropped because their index is not an item number."""
+    from .progress import log
+
+    if reader.ignored:
+        log.warning("columns that feed no input were ignored", columns=sorted(reader.ignored),
+                    hint="--map INPUT=COLUMN feeds an input from a column of another name")
+    for number in results.unnumbered:
+        log.warning("a results line is not an item's record: its index is not an item number; it is dropped",
+                    file=str(results.path), line=number, hint="the item it was for runs again")
 
 
 async def _main(batch: Any) -> str | None:

@@ -28,6 +28,7 @@ class Results:
         self.resume = resume
         self.done: dict[int, str] = {}  # index -> fingerprint of the inputs it ran with (ok items)
         self.dropped = 0  # failed or torn lines removed by --resume, to run again
+        self.unnumbered: list[int] = []  # lines (1-based) whose index is not an item number: dropped too
         self._fd: int | None = None
 
     def open(self) -> None:
@@ -35,7 +36,7 @@ class Results:
             self._fd = sys.stdout.fileno()
             return
         try:
-            if self.resume and self.path.exists():
+            if self.resume and self.path.is_file():  # not a device or a pipe: nothing to resume from
                 self._load(self.path)
             elif not self.resume and self.path.exists() and self.path.stat().st_size:
                 raise FlowDefinitionError.at(
@@ -47,12 +48,23 @@ class Results:
             raise FlowDefinitionError.at(f"cannot write the results file {self.path}: {e.strerror or e}") from None
 
     def write(self, record: dict[str, Any]) -> None:
-        data = (json.dumps(record, ensure_ascii=False, default=str) + "\n").encode()
+        try:
+            text = json.dumps(record, ensure_ascii=False, default=str)
+        except (ValueError, RecursionError) as e:  # e.g. an int of more than 4300 digits: the line, not the batch
+            text = json.dumps({**record, "inputs": None, "outputs": None,
+                               "error": f"{record.get('error') or ''}\n(its inputs and outputs cannot be written as "
+                                        f"JSON: {str(e)[:100]})".lstrip()}, ensure_ascii=False, default=str)
+        data = (text + "\n").encode()
         if self._fd is None:
             raise RuntimeError("Results.write before open")
         view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view):]
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError as e:  # a full disk: exit 1 naming the file; stdout closed (`| head`): 141, quietly
+            from ..files import stdout_failed, write_error
+
+            raise (stdout_failed(e) if self.path is None else write_error(e, f"the results file {self.path}")) from None
 
     def close(self) -> None:
         if self._fd is not None and self.path is not None:
@@ -71,10 +83,14 @@ class Results:
             try:
                 record = json.loads(line)
                 index, status = record["index"], record["status"]
-            except (ValueError, TypeError, KeyError):
+            except (ValueError, TypeError, KeyError, RecursionError):
                 raise FlowDefinitionError.at("not a line of flowrunner batch results", Location(str(path), number, 1),
                                              hint="--resume continues a results file written by flowrunner batch; "
                                                   "give another --output") from None
+            if type(index) is not int or index < 0:  # edited by hand: which item it was is unknown
+                self.unnumbered.append(number)
+                self.dropped += 1
+                continue
             if status == "ok" and index not in self.done:
                 self.done[index] = fingerprint(record.get("inputs"))
                 keep.append(line)

@@ -4,10 +4,11 @@ connections (pools, the SDK client) and one rate limiter; each result is appende
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Iterator
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .. import secrets
@@ -32,6 +33,7 @@ class Batch:
     concurrency: int = 4
     limiter: Any = None  # llm.limits.RateLimiter
     fail_fast: bool = False
+    _batch_key: str | None = field(default=None, init=False, repr=False)
 
     async def run(self) -> None:
         """Runs every item not done yet. Cancelled (Ctrl-C, SIGTERM) or stopped by --fail-fast, the
@@ -43,6 +45,7 @@ class Batch:
         items = iter(self.reader)
         try:
             async with Connections(self.flow) as conns, asyncio.TaskGroup() as group:
+                conns.check_env(self.flow.connections)  # every unset ${env.X} at once, in one error
                 for name in self.flow.connections:  # opened once, before any item: a wrong setting stops
                     await conns.get(name)          # the batch here, and no item pays for the set-up
                 for _ in range(self.concurrency):
@@ -76,7 +79,7 @@ class Batch:
         if item.error:
             return record
         started = time.monotonic()
-        run = Run(self.flow, item.inputs, connections=conns)
+        run = Run(self.flow, item.inputs, connections=conns, turn_id=self._turn_id(item))
         usage: dict[str, int] = {}
         async with aclosing(run.events()) as events:
             async for event in events:
@@ -92,6 +95,18 @@ class Batch:
         if run.errors:
             record["error"] = "\n".join(secrets.redact(p.format()) for e in run.errors for p in e.problems)
         return record
+
+    def _turn_id(self, item: Item) -> str | None:
+        """The turn id history_save steps use for an item: the same each time this batch (its inputs file
+        and results file) runs the item, so an item that saved its turn and then failed, run again by
+        --resume, replaces that turn instead of adding it twice. Results on stdout cannot be resumed:
+        the run id, as for `flowrunner run`."""
+        if self.results.path is None:
+            return None
+        if self._batch_key is None:
+            where = f"{self.reader.path.resolve()}\0{self.results.path.resolve()}"
+            self._batch_key = hashlib.sha256(where.encode()).hexdigest()[:16]
+        return f"batch-{self._batch_key}-{item.index}"
 
     def _check_same(self, item: Item) -> None:
         """An item --resume skips must be the one that ran: else the inputs file changed since."""

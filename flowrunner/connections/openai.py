@@ -83,6 +83,7 @@ async def open_openai(conn: ResolvedConnection, stack: AsyncExitStack) -> LLMCli
     if not api_key and "api_key" not in conn.missing_env and "api_key" not in conn.config:
         api_key = os.environ.get("OPENAI_API_KEY")  # like the SDK, when the flow names no key at all
         secrets.register(api_key)
+        api_key = api_key.strip() if api_key else api_key  # a trailing newline is no part of a key
     if not api_key:
         if base_url is None:
             conn.require("api_key", "an API key")  # raises, naming the env var that is not set

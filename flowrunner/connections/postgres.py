@@ -4,6 +4,7 @@ every connection so vectors travel in binary. Without `dsn`, the embedded server
 from __future__ import annotations
 
 import asyncio
+import logging
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +23,7 @@ class PostgresDB:
     pool: Any  # asyncpg.Pool
     where: str  # for messages: host/db or "the embedded PostgreSQL", never a password
     embedded: bool
-    dims_cache: dict[tuple[str, str], int] = field(default_factory=dict)  # (table, column) -> vector width
+    tables: dict[tuple[str, str], Any] = field(default_factory=dict)  # (table, column) -> vector.identity.TableInfo
     _history: Any = None
 
     def history(self) -> Any:
@@ -49,6 +50,37 @@ def describe_dsn(dsn: str) -> str:
         return f"{host}{':' + str(parts.port) if parts.port else ''}{parts.path or ''}"
     except ValueError:
         return "the configured dsn"
+
+
+class _DriverLog(logging.Handler, logging.Filter):
+    """asyncpg reports through `logging`, with tracebacks: its pool failing to reconnect while the
+    server is down (once a second or so), and, through the event loop's exception handler (the
+    `asyncio` logger), what a connection saw with nobody waiting for it. Each becomes one structured
+    warning through the same logger as the rest, redacted; never a traceback on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        import structlog
+
+        error = record.exc_info[1] if record.exc_info else None
+        fields = {"error": f"{type(error).__name__}: {error}"} if error is not None else {}
+        structlog.get_logger("flowrunner").warning(f"PostgreSQL driver: {record.getMessage().splitlines()[0]}",
+                                                   **fields)
+
+    def filter(self, record: logging.LogRecord) -> bool:  # on the `asyncio` logger: keep what is not asyncpg's
+        error = record.exc_info[1] if record.exc_info else None
+        if type(error).__module__.startswith("asyncpg") or "asyncpg" in record.getMessage():
+            self.emit(record)
+            return False
+        return True
+
+
+def _route_driver_log() -> None:
+    logger = logging.getLogger("asyncpg")
+    if not any(isinstance(h, _DriverLog) for h in logger.handlers):
+        route = _DriverLog()
+        logger.addHandler(route)
+        logger.propagate = False  # not also to the root logger's last-resort handler (the traceback)
+        logging.getLogger("asyncio").addFilter(route)
 
 
 async def _init_connection(conn: Any) -> None:
@@ -83,6 +115,7 @@ async def open_postgres(conn: ResolvedConnection, stack: AsyncExitStack) -> Post
                                            hint=f"see {directory / 'log'}; `flowrunner db stop` resets it")) from e
         where, embedded = f"the embedded PostgreSQL ({directory})", True
     secrets.register(dsn)
+    _route_driver_log()
     try:
         pool = await asyncpg.create_pool(dsn, min_size=1, max_size=int(conn.config.get("pool_size") or DEFAULT_POOL_SIZE),
                                          init=_init_connection, timeout=timeout, command_timeout=None)

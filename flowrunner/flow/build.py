@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 from .. import refs
-from ..connections.registry import CONNECTION_TYPES
+from ..connections.registry import CONNECTION_TYPES, connection_problem
 from ..errors import FlowDefinitionError, Problem, did_you_mean
 from ..steps import STEP_TYPES
 from .inputs import InputError, coerce
@@ -16,6 +17,11 @@ from .model import INPUT_TYPES, ConnectionSpec, Flow, InputSpec, RetrySpec, Step
 from .schema import schema_problems
 
 COMMON_KEYS = {"id", "type", "title", "description", "timeout", "retry", "run_on_failure"}
+# A "did you mean" hint compares the misspelt name with at most SUGGEST_FROM names (the nearest ones),
+# and one file's hints with at most SUGGEST_BUDGET names in all: checking a generated flow of
+# thousands of steps, each with a bad reference, stays linear (hints are a courtesy, not a check).
+SUGGEST_FROM = 200
+SUGGEST_BUDGET = 50_000
 
 
 def load_flow(file: str | Path, connections: dict[str, ConnectionSpec] | None = None) -> Flow:
@@ -25,7 +31,7 @@ def load_flow(file: str | Path, connections: dict[str, ConnectionSpec] | None = 
 
 def load_flow_with(file: str | Path, connections_file: str | Path | None) -> Flow:
     """A flow as the commands take it: FLOW plus the connections of `--connections FILE`, if given."""
-    return load_flow(file, load_connections_file(connections_file) if connections_file else None)
+    return load_flow(file, load_connections_file(connections_file, "--connections") if connections_file else None)
 
 
 def load_flow_text(text: str, file: str = "<string>", connections: dict[str, ConnectionSpec] | None = None) -> Flow:
@@ -33,9 +39,10 @@ def load_flow_text(text: str, file: str = "<string>", connections: dict[str, Con
     problems = schema_problems(data, smap)
     flow = None
     if isinstance(data, dict):
-        builder = _Builder(data, smap, connections or {})
+        builder = _Builder(data, smap, connections or {}, _steps_with_problems(problems))
         flow = builder.build()
-        problems += [p for p in builder.problems if p not in problems]
+        seen = set(problems)
+        problems += [p for p in builder.problems if p not in seen]
     else:
         problems = problems or [Problem("a flow file must be a mapping", smap.location(()))]
     if problems or flow is None:
@@ -47,10 +54,16 @@ def load_flow_text(text: str, file: str = "<string>", connections: dict[str, Con
 class _Builder:
     """Tolerant of data that failed the schema: it checks what it can, so one run shows all problems."""
 
-    def __init__(self, data: dict[str, Any], smap: SourceMap, extra: dict[str, ConnectionSpec] | None = None) -> None:
+    def __init__(self, data: dict[str, Any], smap: SourceMap, extra: dict[str, ConnectionSpec] | None = None,
+                 misshapen: frozenset[int] = frozenset()) -> None:
         self.data, self.smap = data, smap
         self.extra = extra or {}
+        # Steps the schema found wrong: their references are still checked, but a step type's own
+        # check() is written for well-formed properties, so it never sees these.
+        self.misshapen = misshapen
         self.problems: list[Problem] = []
+        self.all_ids = _all_ids(data)
+        self.suggest_budget = SUGGEST_BUDGET
 
     def problem(self, message: str, path: PathKey, hint: str | None = None, *, key: bool = False) -> None:
         self.problems.append(Problem(message, self.smap.location(path, key=key), format_path(path), hint))
@@ -117,7 +130,7 @@ class _Builder:
         if not isinstance(raw, dict):
             return out
         for name, decl in raw.items():
-            if not isinstance(decl, dict) or decl.get("type") not in CONNECTION_TYPES:
+            if not isinstance(decl, dict) or not isinstance(decl.get("type"), str) or decl["type"] not in CONNECTION_TYPES:
                 continue
             path = ("connections", name)
             config = self._compile({k: v for k, v in decl.items() if k != "type"}, path)
@@ -138,7 +151,8 @@ class _Builder:
         specs: list[StepSpec] = []
         first_seen: dict[str, int] = {}
         for index, item in enumerate(raw):
-            if not isinstance(item, dict) or not isinstance(item.get("id"), str) or item.get("type") not in STEP_TYPES:
+            if (not isinstance(item, dict) or not isinstance(item.get("id"), str)
+                    or not isinstance(item.get("type"), str) or item["type"] not in STEP_TYPES):
                 continue
             path: PathKey = ("steps", index)
             sid = item["id"]
@@ -171,24 +185,17 @@ class _Builder:
                 self._check_ref(ref, path, spec, inputs, bound, earlier, setter)
             if cls.connection_types and isinstance(spec.props.get("connection"), str):
                 self._check_connection(spec, cls.connection_types, connections)
-            self.problems += cls.check(spec, _PartialFlow(inputs, connections, specs))
+            if spec.index not in self.misshapen:
+                self.problems += cls.check(spec, _PartialFlow(inputs, connections, specs))
             for var in cls.bindings(spec):
                 bound[var] = spec.id
             earlier[spec.id] = spec
 
     def _check_connection(self, spec: StepSpec, allowed: tuple[str, ...], connections: dict[str, ConnectionSpec]) -> None:
-        name = spec.props["connection"]
-        path = (*spec.path, "connection")
-        conn = connections.get(name)
-        if conn is None:
-            declared = sorted(connections)
-            hint = did_you_mean(name, declared) or (
-                f"declare it under connections: (declared: {', '.join(declared)})" if declared
-                else "declare it under connections:, or pass --connections FILE")
-            self.problem(f"unknown connection '{name}'", path, hint)
-        elif conn.type not in allowed:
-            self.problem(f"connection '{name}' is {conn.type}, but a {spec.type} step needs "
-                         f"{' or '.join(allowed)}", path)
+        found = connection_problem(spec.props["connection"], allowed, {n: c.type for n, c in connections.items()},
+                                   f"a {spec.type} step")
+        if found:
+            self.problem(found[0], (*spec.path, "connection"), found[1])
 
     def _check_ref(self, ref: refs.Ref, path: PathKey, spec: StepSpec | None, inputs: dict[str, InputSpec],
                    bound: dict[str, str], earlier: dict[str, StepSpec], setter: dict[str, str]) -> None:
@@ -199,29 +206,29 @@ class _Builder:
         elif kind == "inputs":
             if name not in inputs:
                 self._ref_problem(ref, path, f"{ref.text}: unknown input '{name}'",
-                                  did_you_mean(name, inputs) or "declare it under inputs:")
+                                  self._suggest(name, inputs) or "declare it under inputs:")
         elif kind == "steps":
             field = str(ref.path[1])
             if name not in earlier:
                 if spec is not None and name == spec.id:
                     msg, hint = f"{ref.text}: a step cannot use its own outputs", None
-                elif name in _all_ids(self.data):
+                elif name in self.all_ids:
                     msg, hint = f"{ref.text}: step '{name}' runs after this one", "a step can only use outputs of earlier steps"
                 else:
-                    msg, hint = f"{ref.text}: unknown step '{name}'", did_you_mean(name, earlier)
+                    msg, hint = f"{ref.text}: unknown step '{name}'", self._suggest(name, earlier)
                 self._ref_problem(ref, path, msg, hint)
             else:
                 target = earlier[name]
                 outputs = STEP_TYPES[target.type].declared_outputs(target)
                 if field not in outputs:
                     self._ref_problem(ref, path, f"{ref.text}: step '{name}' has no output '{field}'",
-                                      did_you_mean(field, outputs) or f"its outputs: {', '.join(outputs)}")
+                                      self._suggest(field, outputs) or f"its outputs: {', '.join(outputs)}")
         elif name not in bound:
             if name in setter:
                 self._ref_problem(ref, path, f"{ref.text}: variable '{name}' is set by step '{setter[name]}', "
                                   "which runs later", "move that step before this one")
             else:
-                hint = did_you_mean(name, bound)
+                hint = self._suggest(name, bound)
                 if name in inputs:
                     hint = f"did you mean ${{inputs.{name}}}?"
                 self._ref_problem(ref, path, f"{ref.text}: unknown variable '{name}'",
@@ -229,6 +236,14 @@ class _Builder:
 
     def _ref_problem(self, ref: refs.Ref, path: PathKey, message: str, hint: str | None) -> None:
         self.problems.append(Problem(message, self.smap.find_in_value(path, ref.text), format_path(path), hint))
+
+    def _suggest(self, word: str, names: Iterable[str]) -> str | None:
+        """did_you_mean() over the nearest SUGGEST_FROM names (the last declared or bound)."""
+        nearest = list(islice(reversed(names), SUGGEST_FROM)) if isinstance(names, dict) else list(names)[-SUGGEST_FROM:]
+        if len(nearest) > self.suggest_budget:
+            return None
+        self.suggest_budget -= len(nearest)
+        return did_you_mean(word, nearest)
 
     def _outputs(self, inputs: dict[str, InputSpec], steps: list[StepSpec] | None) -> dict[str, Any]:
         raw = self.data.get("outputs") or {}
@@ -247,6 +262,17 @@ class _PartialFlow:
     def __init__(self, inputs: dict[str, InputSpec], connections: dict[str, ConnectionSpec],
                  steps: list[StepSpec]) -> None:
         self.inputs, self.connections, self.steps = inputs, connections, steps
+
+
+def _steps_with_problems(problems: list[Problem]) -> frozenset[int]:
+    """The indexes of the steps that schema problems point into (their paths start `steps[N]`)."""
+    out = set()
+    for p in problems:
+        if p.path.startswith("steps["):
+            index = p.path[6:].partition("]")[0]
+            if index.isdigit():
+                out.add(int(index))
+    return frozenset(out)
 
 
 def _all_ids(data: dict[str, Any]) -> set[str]:
@@ -274,11 +300,12 @@ def _retry(raw: Any) -> RetrySpec:
     return RetrySpec()
 
 
-def load_connections_file(file: str | Path) -> dict[str, ConnectionSpec]:
-    """A YAML file with a top-level `connections:` mapping, as in a flow (for secrets kept apart)."""
+def load_connections_file(file: str | Path, option: str = "") -> dict[str, ConnectionSpec]:
+    """A YAML file with a top-level `connections:` mapping, as in a flow (for secrets kept apart).
+    `option`: the command-line option that named it, for its errors (see read_text)."""
     from .schema import connections_file_problems
 
-    data, smap = parse_yaml(read_text(file), str(file))
+    data, smap = parse_yaml(read_text(file, option), str(file))
     problems = connections_file_problems(data, smap)
     if not problems and isinstance(data, dict):
         builder = _Builder(data, smap)

@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import FlowDefinitionError, Problem, did_you_mean
+from ..refs import kind_of
+from .load import MAX_DEPTH, MAX_INT_DIGITS
 from .model import Flow, InputSpec
 
 _TRUE = {"true", "yes", "y", "1", "on"}
@@ -35,42 +37,75 @@ def coerce(spec: InputSpec, value: Any, *, from_text: bool) -> Any:
         "object": isinstance(value, dict),
     }[t]
     if not ok:
-        raise InputError(f"expected {'an' if t[0] in 'aeiou' else 'a'} {t}, got {json.dumps(value, default=str)[:60]}")
-    if t == "number" and not math.isfinite(value):
-        raise InputError("expected a finite number")
+        raise InputError(f"expected {'an' if t[0] in 'aeiou' else 'a'} {t}, got {_shown(value)}")
+    if t == "number" and not _finite(value):
+        raise InputError("expected a finite number" + (" (this one is too large)" if isinstance(value, int) else ""))
+    if t in ("array", "object") and _too_deep(value):
+        raise InputError(f"the value is nested more than {MAX_DEPTH} levels deep")
     if spec.enum is not None and value not in spec.enum:
         raise InputError(f"{value!r} is not one of: {', '.join(map(str, spec.enum))}")
     return value
 
 
+def _shown(value: Any) -> str:
+    try:
+        return json.dumps(value, default=str)[:60]
+    except (ValueError, RecursionError):  # an integer too long for text, or a value nested too deeply
+        return kind_of(value)
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond a float's range: no step could use it as a number
+        return False
+
+
+def _too_deep(value: Any) -> bool:
+    """Deeper than MAX_DEPTH levels, found without recursion (the value may be too deep for it)."""
+    level: list[Any] = [value]
+    for _ in range(MAX_DEPTH + 1):
+        level = [v for item in level for v in (item.values() if isinstance(item, dict) else item)
+                 if isinstance(v, (dict, list))]
+        if not level:
+            return False
+    return True
+
+
 def _parse_text(t: str, text: str) -> Any:
     if t == "string":
         return text
+    if t in ("integer", "number") and len(text.strip()) > MAX_INT_DIGITS:
+        raise InputError(f"the {t} has more than {MAX_INT_DIGITS} digits")
     if t == "integer":
         try:
             if "_" in text:  # Python's int() takes 1_000; a flow's user means something else, or a typo
                 raise ValueError
             return int(text.strip())
         except ValueError:
-            raise InputError(f"expected an integer, got {text!r}") from None
+            raise InputError(f"expected an integer, got {text[:60]!r}") from None
     if t == "number":
         try:
             if "_" in text:
                 raise ValueError
             return float(text) if any(c in text for c in ".eE") or text.strip().lower() in ("inf", "nan") else int(text)
         except ValueError:
-            raise InputError(f"expected a number, got {text!r}") from None
+            raise InputError(f"expected a number, got {text[:60]!r}") from None
     if t == "boolean":
         low = text.strip().lower()
         if low in _TRUE:
             return True
         if low in _FALSE:
             return False
-        raise InputError(f"expected true or false, got {text!r}")
+        raise InputError(f"expected true or false, got {text[:60]!r}")
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise InputError(f"expected JSON for an {t} ({e.msg})") from None
+    except ValueError:  # an integer of more digits than Python reads
+        raise InputError(f"expected JSON for an {t} (an integer has more than {MAX_INT_DIGITS} digits)") from None
+    except RecursionError:
+        raise InputError(f"the value is nested more than {MAX_DEPTH} levels deep") from None
 
 
 def resolve_inputs(flow: Flow, given: Mapping[str, Any], *, from_text: frozenset[str] = frozenset()) -> dict[str, Any]:

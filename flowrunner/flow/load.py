@@ -7,6 +7,7 @@ are YAML 1.2's `true`/`false` only, and dates stay strings, so `default: no` mea
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import yaml
 
 from ..errors import FlowDefinitionError, Location, Problem
+from ..files import FLOW_LIMIT, read_limited
 
 try:  # the C loader is ~10x faster; fall back where libyaml is missing
     from yaml import CSafeLoader as _BaseLoader
@@ -22,8 +24,12 @@ except ImportError:  # pragma: no cover
     from yaml import SafeLoader as _BaseLoader  # type: ignore[assignment]
 
 PathKey = tuple[str | int, ...]
+_BREAK = re.compile("\r\n|[\r\n\x85\u2028\u2029]")  # the line breaks YAML counts
 MAX_NODES = 100_000  # more nodes than any real flow; alias bombs go far past it
-MAX_BYTES = 5_000_000
+# Deeper than any real flow, and shallow enough that every recursive walk of the data (references,
+# the schema, JSON) stays far from Python's recursion limit.
+MAX_DEPTH = 100
+MAX_INT_DIGITS = 4300  # Python refuses to read longer decimal integers (sys.get_int_max_str_digits)
 
 _STR = "tag:yaml.org,2002:str"
 _ALLOWED_TAGS = {
@@ -64,6 +70,8 @@ class SourceMap:
     text: str
     values: dict[PathKey, tuple[int, int]] = field(default_factory=dict)
     keys: dict[PathKey, tuple[int, int]] = field(default_factory=dict)
+    ends: dict[PathKey, tuple[int, int]] = field(default_factory=dict)  # where each value ends
+    _starts: list[int] | None = field(default=None, repr=False, compare=False)
 
     def location(self, path: PathKey, *, key: bool = False) -> Location:
         """The closest known position of `path` (walking up to a parent when needed)."""
@@ -87,16 +95,28 @@ class SourceMap:
         start = self.values.get(tuple(path))
         if start is None:
             return self.location(path)
-        lines = self.text.splitlines(keepends=True)
-        index = sum(len(line) for line in lines[: start[0] - 1]) + start[1] - 1
+        index = self._offset(*start)
+        # Search only inside the scalar: a file with thousands of problems stays linear, and a
+        # needle written differently in the source (an escape) never lands on some later value.
+        end = self._offset(*self.ends[tuple(path)]) if tuple(path) in self.ends else len(self.text)
         for _ in range(occurrence + 1):
-            found = self.text.find(needle, index)
+            found = self.text.find(needle, index, end)
             if found < 0:
                 return self.location(path)
             index = found + 1
-        line = self.text.count("\n", 0, found) + 1
-        col = found - (self.text.rfind("\n", 0, found) + 1) + 1
-        return Location(self.file, line, col)
+        starts = self._line_starts()
+        line = bisect.bisect_right(starts, found)
+        return Location(self.file, line, found - starts[line - 1] + 1)
+
+    def _line_starts(self) -> list[int]:
+        """Offsets where each line begins, by YAML's line breaks; computed once per file."""
+        if self._starts is None:
+            self._starts = [0, *(m.end() for m in _BREAK.finditer(self.text))]
+        return self._starts
+
+    def _offset(self, line: int, col: int) -> int:
+        starts = self._line_starts()
+        return starts[min(max(line, 1), len(starts)) - 1] + col - 1
 
 
 def format_path(path: PathKey) -> str:
@@ -109,18 +129,13 @@ def format_path(path: PathKey) -> str:
     return out
 
 
-def read_text(file: str | Path) -> str:
+def read_text(file: str | Path, option: str = "") -> str:
+    """The text of a flow, connections or inputs file. `option`: the command-line option that named
+    it (e.g. "--connections"), which its errors then name."""
     name = str(file)
-    try:
-        raw = Path(file).read_bytes()
-    except FileNotFoundError:
-        raise FlowDefinitionError.at(
-            "no such file", Location(name), hint="check the path (flowrunner validate DIR finds *.yaml files)"
-        ) from None
-    except (IsADirectoryError, PermissionError, OSError) as e:
-        raise FlowDefinitionError.at(f"cannot read the file: {e.strerror or e}", Location(name)) from None
-    if len(raw) > MAX_BYTES:
-        raise FlowDefinitionError.at(f"the file is larger than {MAX_BYTES // 1_000_000} MB", Location(name))
+    # At most FLOW_LIMIT bytes are read: `/dev/zero` or a FIFO given as a flow is an error, not a hang.
+    raw = read_limited(file, FLOW_LIMIT, option,
+                       missing_hint=None if option else "check the path (flowrunner validate DIR finds *.yaml files)")
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -199,12 +214,22 @@ def _check(node: yaml.Node, path: PathKey, smap: SourceMap, problems: list[Probl
             Location(smap.file, *_mark(node)),
             hint="flow files may use anchors and aliases, but not to build huge or recursive values",
         )
-    where = Location(smap.file, *_mark(node))
     if node.tag not in _ALLOWED_TAGS:
         problems.append(
-            Problem(f"the YAML tag '{node.tag.replace('tag:yaml.org,2002:', '!!')}' is not allowed", where, format_path(path),
+            Problem(f"the YAML tag '{node.tag.replace('tag:yaml.org,2002:', '!!')}' is not allowed",
+                    Location(smap.file, *_mark(node)), format_path(path),
                     hint="flow files use plain YAML values: strings, numbers, booleans, lists and maps")
         )
+        return
+    if len(path) > MAX_DEPTH:
+        problems.append(Problem(f"the YAML is nested more than {MAX_DEPTH} levels deep", Location(smap.file, *_mark(node)),
+                                format_path(path[:8]) + "...",
+                                hint="flatten the value; no flow needs this depth"))
+        return
+    if node.tag == "tag:yaml.org,2002:int" and len(node.value) > MAX_INT_DIGITS:  # hex and octal too
+        problems.append(Problem(f"the integer has more than {MAX_INT_DIGITS} digits", Location(smap.file, *_mark(node)),
+                                format_path(path),
+                                hint="quote it if it is meant as text"))
         return
     if isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
@@ -215,8 +240,8 @@ def _check(node: yaml.Node, path: PathKey, smap: SourceMap, problems: list[Probl
             if key.tag == "tag:yaml.org,2002:merge":
                 _check(value, path, smap, problems, budget)
                 continue
-            kwhere = Location(smap.file, *_mark(key))
             if not isinstance(key, yaml.ScalarNode) or key.tag != _STR:
+                kwhere = Location(smap.file, *_mark(key))  # built for a problem only: most nodes have none
                 shown = key.value if isinstance(key, yaml.ScalarNode) else "a collection"
                 problems.append(
                     Problem(f"mapping key {shown!r} is not a string", kwhere, format_path(path),
@@ -225,7 +250,7 @@ def _check(node: yaml.Node, path: PathKey, smap: SourceMap, problems: list[Probl
                 continue
             if key.value in seen:
                 problems.append(
-                    Problem(f"duplicate key '{key.value}'", kwhere, format_path((*path, key.value)),
+                    Problem(f"duplicate key '{key.value}'", Location(smap.file, *_mark(key)), format_path((*path, key.value)),
                             hint="each key may appear once in a mapping; remove or rename one")
                 )
             seen.add(key.value)
@@ -235,6 +260,7 @@ def _check(node: yaml.Node, path: PathKey, smap: SourceMap, problems: list[Probl
 def _record(node: yaml.Node, data: Any, path: PathKey, smap: SourceMap) -> None:
     """After construction (merge keys resolved): the position of every value and key."""
     smap.values.setdefault(path, _mark(node))
+    smap.ends.setdefault(path, (node.end_mark.line + 1, node.end_mark.column + 1))
     if isinstance(node, yaml.SequenceNode) and isinstance(data, list):
         for i, item in enumerate(node.value):
             if i < len(data):

@@ -12,6 +12,9 @@ from ..connections.registry import CONNECTION_TYPES
 from ..errors import Problem, did_you_mean
 from ..refs import kind_of
 from ..steps import STEP_TYPES
+from ..steps import generation as steps_generation
+from .compiled import CompiledSchema
+from .dialect import ecma_regex, validator_class
 from .load import PathKey, SourceMap, format_path
 from .model import INPUT_TYPES
 
@@ -125,55 +128,40 @@ def schema_text() -> str:
     return json.dumps(build_schema(), indent=2) + "\n"
 
 
-def invalidate() -> None:
-    """Forget the compiled schemas (after a step type is registered)."""
-    _validator.cache_clear()
-    _connections_validator.cache_clear()
-    _runtime_validator.cache_clear()
+def _compiled() -> CompiledSchema:
+    return _compiled_for(steps_generation())
 
 
+# Cached per generation of the step registry (a plugin may register a step type after a schema was
+# built): the registry owns that number, so it needs no import of this module.
 @lru_cache(maxsize=1)
-def _validator() -> Any:
-    from jsonschema import Draft202012Validator
-
-    return Draft202012Validator(build_schema())
+def _compiled_for(_generation: int) -> CompiledSchema:
+    return CompiledSchema(build_schema())
 
 
 def schema_problems(data: Any, smap: SourceMap) -> list[Problem]:
     """Every schema violation in `data`, each placed at its file:line:col, sorted by position."""
     problems: list[Problem] = []
-    for error in _validator().iter_errors(data):
+    compiled = _compiled()
+    for error in compiled.iter_errors(compiled.flow, data):
         problems.extend(_describe(error, smap))
     unique = {(p.location.line if p.location else 0, p.location.col if p.location else 0, p.message): p
               for p in problems}
     return sorted(unique.values(), key=lambda p: (p.location.line or 0, p.location.col or 0) if p.location else (0, 0))
 
 
-@lru_cache(maxsize=1)
-def _connections_validator() -> Any:
-    from jsonschema import Draft202012Validator
-
-    full = build_schema()
-    return Draft202012Validator({
-        "$schema": full["$schema"],
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["connections"],
-        "properties": {"connections": full["properties"]["connections"]},
-        "$defs": full["$defs"],
-    })
+def _runtime_validator(step_type: str, prop: str) -> Any:
+    return _runtime_validator_for(step_type, prop, steps_generation())
 
 
 @lru_cache(maxsize=None)
-def _runtime_validator(step_type: str, prop: str) -> Any:
+def _runtime_validator_for(step_type: str, prop: str, _generation: int) -> Any:
     """One property's schema, without the reference branch and shallow (no per-item checks, so a
     384-float vector costs microseconds): for values that arrive through a ${...} reference."""
-    from jsonschema import Draft202012Validator
-
     full = build_schema()
     defs = _without_references(full["$defs"])
     schema = _shallow(defs[f"step.{step_type}"]["properties"].get(prop, {}))
-    return Draft202012Validator({"$schema": full["$schema"], **schema, "$defs": defs})
+    return validator_class()({"$schema": full["$schema"], **schema, "$defs": defs})
 
 
 def _shallow(schema: Any) -> Any:
@@ -209,7 +197,8 @@ def _without_references(schema: Any) -> Any:
 
 
 def connections_file_problems(data: Any, smap: SourceMap) -> list[Problem]:
-    return [p for error in _connections_validator().iter_errors(data) for p in _describe(error, smap)]
+    compiled = _compiled()
+    return [p for error in compiled.iter_errors(compiled.connections_file, data) for p in _describe(error, smap)]
 
 
 _TYPE_WORDS = {"string": "a string", "integer": "an integer", "number": "a number", "boolean": "true or false",
@@ -242,6 +231,9 @@ def _describe(error: Any, smap: SourceMap) -> list[Problem]:
     if v == "type":
         wanted = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
         words = " or ".join(_TYPE_WORDS.get(t, t) for t in wanted)
+        if isinstance(sch, dict) and sch.get("writeOnly"):  # a secret (api_key, dsn...): never echo its value
+            return [Problem(f"expected {words}, got {kind_of(inst)} (a secret: its value is not shown)", where, dotted,
+                            "write it as one string, best from the environment: ${env.NAME}")]
         return [Problem(f"expected {words}, got {kind_of(inst)} {_show(inst)}", where, dotted, _type_hint(wanted, inst))]
     if v == "enum":
         choices = [str(c) for c in error.validator_value]
@@ -312,9 +304,7 @@ def _any_of(error: Any, inst: Any, where: Any, dotted: str) -> Problem:
 
 
 def _valid_name(name: Any) -> bool:
-    import re
-
-    return isinstance(name, str) and re.match(NAME_PATTERN, name) is not None
+    return isinstance(name, str) and ecma_regex(NAME_PATTERN).search(name) is not None
 
 
 _TOP_LEVEL_HINTS = {

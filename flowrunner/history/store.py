@@ -200,15 +200,19 @@ class AsyncpgStore(HistoryStore):
     async def _guard(self, coro: Any) -> Any:
         import asyncpg
 
+        from ..connections.pgerrors import lost_connection
+
         try:
             return await coro
         except asyncpg.UndefinedTableError as e:
             raise TableMissing() from e
-        except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError) as e:
-            raise StepFailed(f"lost the connection to PostgreSQL at {self.where}: {redact(str(e))}",
-                             retryable=True) from None
-        except asyncpg.PostgresError as e:
-            raise StepFailed(f"{self.where}: {redact(str(e))}") from None
+        except Exception as e:
+            lost = lost_connection(e, self.where)
+            if lost is not None:
+                raise lost from None
+            if isinstance(e, asyncpg.PostgresError):
+                raise StepFailed(f"{self.where}: {redact(str(e))}") from None
+            raise
 
     async def _create(self, table: str) -> None:
         async def go() -> None:

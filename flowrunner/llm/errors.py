@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..secrets import shorten
 from .stream import StreamError
 
 
@@ -18,7 +19,7 @@ def _server_message(body: Any, status: int) -> str:
             return inner
     if isinstance(body, str) and body.strip() and not body.lstrip().startswith("<"):  # not an HTML error page
         line = body.strip().splitlines()[0]
-        return line[:160] + ("..." if len(line) > 160 else "")
+        return shorten(line, 160)  # masked first: a secret cut in two would escape the mask
     return f"Error code: {status}"
 
 
@@ -54,6 +55,12 @@ def status_error(status: int, body: Any, llm: Any, retried: int | None = None) -
     return StreamError(f"the request was rejected ({status}): {text}", status=400)
 
 
+def retry_headers(headers: Any) -> dict[str, str] | None:
+    """The server's Retry-After and retry-after-ms, for `serve` to pass on to its own client."""
+    found = {name: headers[name] for name in ("retry-after", "retry-after-ms") if headers.get(name)}
+    return found or None
+
+
 def api_error(e: Any, llm: Any) -> StreamError:
     """An SDK error before the answer started (the SDK already retried what it could)."""
     import openai
@@ -63,5 +70,7 @@ def api_error(e: Any, llm: Any) -> StreamError:
     if isinstance(e, openai.APIConnectionError):
         return connection_error(e.__cause__ or e, llm)
     if isinstance(e, openai.APIStatusError):
-        return status_error(e.status_code, e.body, llm)
+        error = status_error(e.status_code, e.body, llm)
+        error.headers = retry_headers(e.response.headers)
+        return error
     return StreamError(f"{type(e).__name__}: {getattr(e, 'message', e)}")

@@ -4,12 +4,16 @@ A recording is a JSON Lines file, one line per chat call:
 
     {"step": "answer", "request": {"model": ..., "messages": [...], ...}, "chunks": ["{...}", ..., "[DONE]"]}
     {"step": "retrieve", "kind": "embedding", "request": {"model": ..., "input": [...]}, "vectors": [[...]]}
+    {"step": "recall", "kind": "history", "request": {"conversation_id": ...}, "messages": [...], "dropped": 0}
 
 `chunks` are the `data:` payloads of the server's event stream exactly as they arrived, so a replay
 goes through the same parser, with the same chunking, as the live stream did. Embedding calls are
-recorded too, so a replayed RAG flow needs no model server at all. A replayed call must
-send the same request as the recorded one (model, messages, temperature, tools...): when it does not,
-the run fails and says where the two differ."""
+recorded too, so a replayed RAG flow needs no model server at all. So is what each `history_load`
+returned: a replay serves it back instead of reading the store, so a replay repeats the recorded run
+whatever the history holds now (the `--record` run itself saved a turn, and a replay saves none).
+A recording without history loads (made by an older flowrunner) leaves history_load reading the store.
+A replayed call must send the same request as the recorded one (model, messages, temperature,
+tools...): when it does not, the run fails and says where the two differ."""
 
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from typing import Any
 from ..errors import FlowDefinitionError, Location, StepFailed
 
 REQUEST_KEYS = ("model", "messages", "temperature", "max_completion_tokens", "tools", "tool_choice")
+PAYLOAD = {"embedding": "vectors", "history": "messages"}  # what each kind of record plays back (chat: chunks)
 
 
 def comparable(request: dict[str, Any]) -> dict[str, Any]:
@@ -49,6 +54,7 @@ class Recorder:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._file: Any = None
+        self._pending: list[dict[str, Any]] = []  # history loads before the first model call
         if path.is_dir() or not path.parent.is_dir():
             raise FlowDefinitionError.at("--record: not a file in an existing folder", Location(str(path)))
 
@@ -58,17 +64,32 @@ class Recorder:
     def save_embedding(self, step: str, request: dict[str, Any], vectors: list[Any]) -> None:
         self._write({"step": step, "kind": "embedding", "request": request, "vectors": [list(map(float, v)) for v in vectors]})
 
+    def save_history(self, step: str, request: dict[str, Any], outputs: dict[str, Any]) -> None:
+        record = {"step": step, "kind": "history", "request": request, "messages": outputs["messages"],
+                  "dropped": outputs.get("dropped", 0), "tokens": outputs.get("tokens")}
+        if self._file is None:  # kept until a model call is recorded: a run that reaches none leaves the file alone
+            self._pending.append(record)
+        else:
+            self._write(record)
+
     def _write(self, record: dict[str, Any]) -> None:
         from ..secrets import redact
 
+        from ..errors import FlowRuntimeError
+        from ..sinks import guarded
+
         if self._file is None:
             try:
-                self._file = self.path.open("w", encoding="utf-8")
+                self._file = guarded(self.path.open("w", encoding="utf-8"), f"the recording {self.path}")
             except OSError as e:
                 raise StepFailed(f"--record: cannot write {self.path}: {e.strerror or e}") from None
-        line = json.dumps(record, ensure_ascii=False)
-        self._file.write(redact(line) + "\n")
-        self._file.flush()
+        pending, self._pending = self._pending, []
+        try:  # a full disk fails the step (exit 1) naming the file; closing it later does not fail again
+            for each in (*pending, record):
+                self._file.write(redact(json.dumps(each, ensure_ascii=False)) + "\n")
+            self._file.flush()
+        except FlowRuntimeError as e:
+            raise StepFailed(f"--record: {e.message}", hint=e.problems[0].hint) from None
 
     def close(self) -> None:
         if self._file is not None:
@@ -82,17 +103,21 @@ class Replayer:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._records: list[dict[str, Any]] = []
+        from ..files import RECORDING_LIMIT, read_limited
+
+        raw = read_limited(path, RECORDING_LIMIT, "--replay")  # /dev/zero or a FIFO: an error, not a hang
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except OSError as e:
-            raise FlowDefinitionError.at(f"--replay: cannot read the file: {e.strerror or e}", Location(str(path))) from None
+            lines = raw.decode("utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise FlowDefinitionError.at("--replay: not a recording made with --record (not UTF-8 text)",
+                                         Location(str(path), raw.count(b"\n", 0, e.start) + 1, 1)) from None
         for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
                 ok = isinstance(record, dict) and isinstance(record.get("request"), dict) and isinstance(
-                    record.get("vectors" if record.get("kind") == "embedding" else "chunks"), list)
+                    record.get(PAYLOAD.get(record.get("kind"), "chunks")), list)
             except json.JSONDecodeError:
                 ok = False
             if not ok:
@@ -108,21 +133,72 @@ class Replayer:
     def take_embedding(self, step: str, request: dict[str, Any]) -> list[list[float]]:
         return self._take("embedding", step, masked(request))["vectors"]
 
+    def take_history(self, step: str) -> dict[str, Any] | None:
+        """What this history_load step returned when recorded (each plays once, in file order), or None
+        when the recording holds no history loads at all (then the step reads the store). Matched by
+        step id alone: the history is the recorded one whatever the conversation now holds."""
+        loads = [i for i, r in enumerate(self._records) if r.get("kind") == "history"]
+        if not loads:
+            return None
+        for i in loads:
+            record = self._records[i]
+            if i not in self._used and record.get("step") == step:
+                self._used.add(i)
+                messages = record["messages"]
+                return {"messages": messages, "count": len(messages), "dropped": record.get("dropped", 0),
+                        "tokens": record.get("tokens")}
+        raise StepFailed(f"replay mismatch: {self.path} has no recorded history left for step '{step}'",
+                         hint="the flow loads the history more often, or in other steps, than when it was "
+                              "recorded: record again with --record FILE")
+
     def _take(self, kind: str, step: str, wanted: dict[str, Any]) -> dict[str, Any]:
         unused = [i for i, r in enumerate(self._records) if i not in self._used and r.get("kind", "chat") == kind]
         for i in unused:
             if self._records[i]["request"] == wanted:
                 self._used.add(i)
                 return self._records[i]
-        what = "chat request" if kind == "chat" else "embedding request"
+        what = f"{kind} request"
         if not unused:
             raise StepFailed(f"replay mismatch: {self.path} has no recording left for this {what}",
                              hint="the flow calls the model more often than when it was recorded: "
                                   "record again with --record FILE")
         same_step = [i for i in unused if self._records[i].get("step") == step] or unused
-        where = difference(self._records[same_step[0]]["request"], wanted)
+        recorded = self._records[same_step[0]]["request"]
+        grown = history_change(recorded, wanted)
+        if grown:
+            more = f"{abs(grown)} {'more' if grown > 0 else 'fewer'} message{'s' if abs(grown) != 1 else ''}"
+            served = any(r.get("kind") == "history" for r in self._records)
+            counts = f"request.messages: recorded {len(recorded['messages'])}, now {len(wanted['messages'])}"
+            raise StepFailed(
+                f"replay mismatch: the {what} differs from the one recorded in {self.path}: the history has "
+                f"{more} than when recorded ({counts})",
+                hint="the history given to the step changed since the recording (its `history:`): record again "
+                     "with --record FILE" if served else
+                     "this recording holds no history loads, so the history was read from the store, which "
+                     "changed since (the --record run saved its own turn): record again with --record FILE, "
+                     "or replay on the history it was recorded with")
+        where = difference(recorded, wanted)
         raise StepFailed(f"replay mismatch: the {what} differs from the one recorded in {self.path}: {where}",
                          hint="the flow or its inputs changed since the recording: record again with --record FILE")
+
+
+def history_change(recorded: dict[str, Any], now: dict[str, Any]) -> int:
+    """How many more (negative: fewer) messages a chat request carries than the recorded one, when that
+    is the whole difference: messages added or dropped between the first and the last ones the two
+    share (the history sits between the system prompt and the question). 0 otherwise."""
+    old, new = recorded.get("messages"), now.get("messages")
+    if not (isinstance(old, list) and isinstance(new, list)) or len(old) == len(new):
+        return 0
+    if {k: v for k, v in recorded.items() if k != "messages"} != {k: v for k, v in now.items() if k != "messages"}:
+        return 0
+    short, long = (old, new) if len(old) < len(new) else (new, old)
+    head = 0
+    while head < len(short) and short[head] == long[head]:
+        head += 1
+    tail = 0
+    while tail < len(short) - head and short[-1 - tail] == long[-1 - tail]:
+        tail += 1
+    return len(new) - len(old) if head + tail == len(short) else 0
 
 
 def difference(recorded: Any, now: Any, path: str = "request") -> str:

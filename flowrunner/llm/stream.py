@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..events import TextDelta
+from ..secrets import shorten  # masks, then cuts: a cut secret would no longer be masked
 
 
 DRAIN_SECONDS = 0.1
@@ -27,6 +28,7 @@ class StreamError(Exception):
         self.hint = hint
         self.retryable = retryable
         self.status = status  # for `serve`'s clients: the model server misbehaved (502), timed out (504)...
+        self.headers: dict[str, str] | None = None  # for `serve`'s clients: the server's Retry-After
 
 
 @dataclass
@@ -69,7 +71,7 @@ class StreamState:
             try:
                 call["arguments"] = json.loads(raw)
             except json.JSONDecodeError as e:
-                raise StreamError(f"tool call '{call['name']}' has malformed JSON arguments ({e.msg}): {raw[:120]!r}") from None
+                raise StreamError(f"tool call '{call['name']}' has malformed JSON arguments ({e.msg}): {shorten(raw, 120)!r}") from None
             out.append(call)
         return out
 
@@ -122,7 +124,7 @@ async def read_stream(response: Any, step_id: str, state: StreamState, idle_time
             raise
     except httpx2.SSEError as e:
         if "content type" in str(e):
-            body = (await response.aread())[:200].decode("utf-8", "replace")
+            body = shorten((await response.aread()).decode("utf-8", "replace"), 200)  # masked, then cut
             ctype = response.headers.get("content-type", "none")
             raise StreamError(f"the server replied {response.status_code} with content type {ctype!r}, "
                               f"not an event stream: {body!r}",
@@ -157,14 +159,14 @@ def _data(data: str, state: StreamState) -> str | None:
     try:
         chunk = json.loads(data)
     except json.JSONDecodeError:
-        raise StreamError(f"the server sent a malformed chunk: {data[:120]!r}",
+        raise StreamError(f"the server sent a malformed chunk: {shorten(data, 120)!r}",
                           "the server does not speak the OpenAI streaming format correctly") from None
     if type(chunk) is not dict:
-        raise StreamError(f"the server sent a chunk that is not a JSON object: {data[:120]!r}")
+        raise StreamError(f"the server sent a chunk that is not a JSON object: {shorten(data, 120)!r}")
     try:
         return _apply(chunk, state)
     except (AttributeError, TypeError, KeyError, ValueError):
-        raise StreamError(f"the server sent a chunk of an unexpected shape: {data[:160]!r}",
+        raise StreamError(f"the server sent a chunk of an unexpected shape: {shorten(data, 160)!r}",
                           "the server does not speak the OpenAI streaming format correctly") from None
 
 

@@ -1,17 +1,20 @@
 """One request's run of the flow, in its own task: its text deltas queued for the response (STARTED
 first, once the model has accepted the request), or, once the response has taken over `deliver`,
 written by the run's task itself the moment they arrive; its usage, finish_reason and failure kept
-for the end."""
+for the end. The usage of a chat call whose server reported none is counted locally (usage.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing, suppress
+from typing import Any
 
 from ..engine import Run
 from ..errors import FlowError, FlowRuntimeError, Problem
 from ..events import StepFinished, StreamStarted, TextDelta, Usage, add_usage
+from .usage import LOCAL, MIXED, MODEL, count_locally
 
 END = None  # queued when the run is over
 STARTED = object()  # queued once, when the model accepted the request: the response can start
@@ -24,6 +27,10 @@ class Answer:
         self.parts: list[str] = []
         self.usage: dict[str, int] = {}
         self.finish_reason: str | None = None
+        self.refusal: str | None = None  # the model refused: sent as delta.refusal / message.refusal
+        self.first_token_at: float | None = None  # time.monotonic() of the first text delta
+        self.usage_source: str | None = None  # usage.MODEL, LOCAL or MIXED; None: no chat call
+        self._uncounted: list[tuple[list[dict[str, Any]], str]] = []  # chat calls sent without usage
         self.task: asyncio.Task[None] | None = None
         self.stopped = False
         self.streaming = False  # the model has accepted the request
@@ -39,6 +46,8 @@ class Answer:
                 async for event in events:
                     kind = type(event)
                     if kind is TextDelta:
+                        if self.first_token_at is None:
+                            self.first_token_at = time.monotonic()
                         self.parts.append(event.text)  # type: ignore[attr-defined]
                         if self.deliver is None:
                             self.queue.put_nowait(event.text)  # type: ignore[attr-defined]
@@ -49,10 +58,29 @@ class Answer:
                         self.queue.put_nowait(STARTED)
                     elif kind is Usage:
                         add_usage(self.usage, event.usage)  # type: ignore[attr-defined]
-                    elif kind is StepFinished and event.outputs.get("finish_reason"):  # type: ignore[attr-defined]
-                        self.finish_reason = str(event.outputs["finish_reason"])  # type: ignore[attr-defined]
+                    elif kind is StepFinished:
+                        self._step_finished(event)  # type: ignore[arg-type]
+            if self._uncounted:
+                counted = await asyncio.to_thread(count_locally, self._uncounted)
+                if counted is not None:
+                    add_usage(self.usage, counted)
+                    self.usage_source = MIXED if self.usage_source == MODEL else LOCAL
+                self._uncounted.clear()
         finally:
             self.queue.put_nowait(END)
+
+    def _step_finished(self, event: StepFinished) -> None:
+        outputs = event.outputs
+        if outputs.get("finish_reason"):
+            self.finish_reason = str(outputs["finish_reason"])
+            self.refusal = outputs.get("refusal") or self.refusal
+        messages = self.run.chat_messages.get(event.step)
+        if messages is None or event.status == "skipped":
+            return  # not a chat call
+        if outputs.get("usage"):
+            self.usage_source = MODEL
+        elif event.status == "ok" or outputs.get("text"):  # answered, if only in part: the model worked
+            self._uncounted.append((messages, str(outputs.get("text") or "") + str(outputs.get("refusal") or "")))
 
     async def wait(self) -> None:
         if self.task is None:
@@ -78,7 +106,7 @@ class Answer:
 
     @property
     def failure(self) -> FlowError | None:
-        if self.stopped and self.run.error is None:
+        if self.stopped and self.run.error in (None, self.run.interruption):  # the stop was ours
             error = FlowRuntimeError(Problem("the server is shutting down; the answer was stopped",
                                              hint="send the request again"))
             error.http_status = 503
@@ -87,7 +115,7 @@ class Answer:
 
     @property
     def text(self) -> str:
-        if self.parts:
+        if self.parts or self.refusal:  # a refusal is the answer: never the flow's outputs as JSON
             return "".join(self.parts)
         from ..conversation import outputs_as_answer
 

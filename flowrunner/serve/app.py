@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import math
+import re
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +31,8 @@ from ..conversation import ChatInputs
 from ..engine import Run
 from ..errors import FlowDefinitionError, FlowError
 from .answer import END, Answer
-from .openai_api import DONE, KEEPALIVE, BadRequest, Shapes, error_body, parse_request
+from .limits import DEFAULT_MAX_BODY, read_body
+from .openai_api import DONE, KEEPALIVE, BadRequest, Shapes, error_body, parse_request, read_json
 
 log = structlog.get_logger("flowrunner.serve")
 
@@ -43,6 +47,7 @@ class Served:
     connections: Any  # connections.pool.Connections, shared by every request
     api_key: str | None = None
     keepalive: float = 15.0  # seconds of silence before a `: keep-alive` comment
+    max_body_size: int = DEFAULT_MAX_BODY  # bytes; a larger request is a 413
     started: int = 0
     active: set[Answer] = field(default_factory=set)  # runs in flight: stopped when the server shuts down
 
@@ -55,25 +60,27 @@ def create_app(served: Served) -> Starlette:
     served.started = served.started or int(time.time())
 
     async def models(request: Request) -> Response:
+        request.state.started = time.monotonic()
         _authorize(request, served)
+        _log_request(request, 200)
         return JSONResponse({"object": "list", "data": [_model(served)]})
 
     async def model(request: Request) -> Response:
+        request.state.started = time.monotonic()
         _authorize(request, served)
         if request.path_params["model"] != served.name:
             raise BadRequest(f"The model '{request.path_params['model']}' does not exist", "model", 404,
                              code="model_not_found")
+        _log_request(request, 200)
         return JSONResponse(_model(served))
 
     async def healthz(_request: Request) -> Response:
         return JSONResponse({"status": "ok", "flow": served.name})
 
     async def completions(request: Request) -> Response:
+        request.state.started = started = time.monotonic()
         _authorize(request, served)
-        try:
-            body = await request.json()
-        except ValueError:
-            raise BadRequest("the request body is not valid JSON") from None
+        body = read_json(await read_body(request, served.max_body_size))
         req = parse_request(body, request.headers.get("x-conversation-id"))
         try:
             inputs, client_history = served.chat.turn(req.text, conversation_id=req.conversation_id,
@@ -86,7 +93,6 @@ def create_app(served: Served) -> Starlette:
         served.active.add(answer)
         answer.task.add_done_callback(lambda _task: served.active.discard(answer))  # type: ignore[union-attr]
         gone = asyncio.create_task(_disconnected(request))
-        started = time.monotonic()
         handed_over = False
         try:
             if req.stream:
@@ -96,18 +102,19 @@ def create_app(served: Served) -> Starlette:
                 first = END
             if gone.done():
                 await answer.cancel()
-                _log(run, CLIENT_GONE, req.stream, started)
+                _log(answer, CLIENT_GONE, req.stream, started)
                 return Response(status_code=CLIENT_GONE)
             if first is END:
                 await answer.wait()
                 # A plain answer that broke half-way is a failure too: never a 200 that claims "stop".
                 if answer.failure is not None and (not answer.parts or not req.stream):
                     status, payload = _failure(answer.failure)
-                    _log(run, status, req.stream, started)
-                    return JSONResponse(payload, status)
+                    _log(answer, status, req.stream, started)
+                    return JSONResponse(payload, status, headers=_retry_after(answer.failure))
                 if not req.stream:
-                    _log(run, 200, False, started)
-                    return JSONResponse(shapes.completion(answer.text, answer.finish_reason or "stop", answer.usage))
+                    _log(answer, 200, False, started)
+                    return JSONResponse(shapes.completion(answer.text, answer.finish_reason or "stop", answer.usage,
+                                                          answer.refusal))
             handed_over = True  # the stream owns the run and the disconnect watch from here
             return EventStream(answer, shapes, first, gone, req.include_usage, served.keepalive, started)
         finally:
@@ -115,19 +122,21 @@ def create_app(served: Served) -> Starlette:
                 gone.cancel()
                 await answer.cancel()
 
-    async def bad_request(_request: Request, exc: Exception) -> Response:
+    async def bad_request(request: Request, exc: Exception) -> Response:
         if not isinstance(exc, BadRequest):  # registered for BadRequest only
             raise exc
+        _log_request(request, exc.status, exc.message)
         return JSONResponse(exc.body(), exc.status)
 
-    async def http_error(_request: Request, exc: Exception) -> Response:
+    async def http_error(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 500)
         message = "Not found: flowrunner serves /v1/chat/completions, /v1/models and /healthz" if status == 404 \
             else str(getattr(exc, "detail", "")) or "error"
+        _log_request(request, status, message)
         return JSONResponse(error_body(message, "invalid_request_error"), status)
 
     return Starlette(
-        routes=[Route("/v1/chat/completions", completions, methods=["POST"]),
+        routes=[Route("/v1/chat/completions", _guarded(completions), methods=["POST"]),
                 Route("/v1/models", models, methods=["GET"]),
                 Route("/v1/models/{model:path}", model, methods=["GET"]),
                 Route("/healthz", healthz, methods=["GET"])],
@@ -165,7 +174,7 @@ class EventStream(Response):
             self.gone.cancel()
             body.cancel()
             await self.answer.cancel()
-            _log(self.answer.run, status, True, self.started)
+            _log(self.answer, status, True, self.started)
 
     async def _write(self, send: Any, data: bytes) -> None:
         self.last_write = time.monotonic()
@@ -224,7 +233,9 @@ class EventStream(Response):
             error = payload["error"]
             tail = shapes.error_event(error["message"], error["type"], error["code"])
         else:
-            tail = shapes.finish_chunk(answer.finish_reason or "stop")
+            # The model's refusal, in one piece at the end (the flow's steps see it once the step ends).
+            tail = shapes.refusal_chunk(answer.refusal) if answer.refusal else b""
+            tail += shapes.finish_chunk(answer.finish_reason or "stop")
             if self.include_usage:
                 tail += shapes.usage_chunk(answer.usage)
             tail += DONE
@@ -232,6 +243,23 @@ class EventStream(Response):
 
 
 _WAITING = object()  # no delta yet: the response has started, the run has not spoken
+
+
+def _guarded(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """A failure of serve's own (a bug) is an OpenAI-shaped 500 and one log line, not starlette's
+    plain-text 500 with a traceback (that comes with --debug)."""
+    async def guarded(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except (BadRequest, HTTPException):
+            raise
+        except Exception as e:  # noqa: BLE001 - the client still gets an answer it can parse
+            message = secrets.redact(f"the request failed in flowrunner serve: {type(e).__name__}: {e}")
+            log.error("request failed", error=message)
+            log.debug("request failed", exc_info=True)
+            _log_request(request, 500, message)
+            return JSONResponse(error_body(message, "server_error"), 500)
+    return guarded
 
 
 async def _first(answer: Answer, gone: asyncio.Task[None], wait: float) -> str | None | object:
@@ -273,10 +301,41 @@ def _failure(error: FlowError) -> tuple[int, dict[str, Any]]:
     return status, error_body(message, kind, None, "rate_limit_exceeded" if status == 429 else None)
 
 
+_HEADER_VALUE = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,63}")  # a plain, short header value: nothing to smuggle
+
+
+def _retry_after(error: FlowError) -> dict[str, str] | None:
+    """A 429's Retry-After (and retry-after-ms, which the openai SDKs prefer) as the model's server
+    sent them; with only retry-after-ms, Retry-After is its seconds, rounded up."""
+    given = getattr(error, "http_headers", None)
+    if getattr(error, "http_status", None) != 429 or not given:
+        return None
+    out = {k: v for k, v in given.items() if k in ("retry-after", "retry-after-ms") and _HEADER_VALUE.fullmatch(v)}
+    if "retry-after" not in out and "retry-after-ms" in out:
+        try:
+            out["retry-after"] = str(max(0, math.ceil(float(out["retry-after-ms"]) / 1000)))
+        except (ValueError, OverflowError):  # nan, inf: no Retry-After of ours either
+            pass
+    return out or None
+
+
 def _model(served: Served) -> dict[str, Any]:
     return {"id": served.name, "object": "model", "created": served.started, "owned_by": "flowrunner"}
 
 
-def _log(run: Run, status: int, stream: bool, started: float) -> None:
-    log.info("request", run_id=run.run_id, status=status, stream=stream,
-             duration=round(time.monotonic() - started, 3))
+def _log(answer: Answer, status: int, stream: bool, started: float) -> None:
+    """The one `request` line of a chat completion (info: shown at the default level, see command.py)."""
+    usage, first = answer.usage, answer.first_token_at
+    log.info("request", status=status, stream=stream, duration=round(time.monotonic() - started, 3),
+             ttft=None if first is None else round(first - started, 3), prompt_tokens=usage.get("prompt_tokens"),
+             completion_tokens=usage.get("completion_tokens"), total_tokens=usage.get("total_tokens"),
+             usage=answer.usage_source, run_id=answer.run.run_id)
+
+
+def _log_request(request: Request, status: int, error: str | None = None) -> None:
+    """The `request` line of a request that ran no flow: a refused one, /v1/models."""
+    started = getattr(request.state, "started", None)
+    fields: dict[str, Any] = {"path": request.url.path} if request.url.path != "/v1/chat/completions" else {}
+    log.info("request", status=status, **fields,
+             duration=None if started is None else round(time.monotonic() - started, 3),
+             **({"error": error} if error else {}))

@@ -15,7 +15,7 @@ from ..errors import FlowDefinitionError
 
 
 def serve(flow_path: Path, host: str, port: int, connections_file: Path | None, message_input: str | None,
-          api_key: str | None, keepalive: float, obj: dict[str, Any]) -> int:
+          api_key: str | None, keepalive: float, obj: dict[str, Any], *, max_body_size: int | None = None) -> int:
     from .. import logs
     from ..conversation import ChatInputs
     from ..flow.build import load_flow_with
@@ -28,12 +28,15 @@ def serve(flow_path: Path, host: str, port: int, connections_file: Path | None, 
 
         secrets.register(api_key)
     sock = _bind(host, port)
-    logs.configure(obj.get("log_format"), obj.get("log_level"), quiet_runs=obj.get("log_level") is None)
-    asyncio.run(_serve(chat, sock, api_key, keepalive))
+    # Info by default, on a terminal too: a server streams no answer there for log lines to break up,
+    # and its one `request` line per request is what an operator watches (each run's own lines: -v).
+    logs.configure(obj.get("log_format"), obj.get("log_level") or "info", quiet_runs=obj.get("log_level") is None)
+    asyncio.run(_serve(chat, sock, api_key, keepalive, max_body_size))
     return 0
 
 
-async def _serve(chat: Any, sock: socket.socket, api_key: str | None, keepalive: float) -> None:
+async def _serve(chat: Any, sock: socket.socket, api_key: str | None, keepalive: float,
+                 max_body_size: int | None) -> None:
     import uvicorn
 
     from ..connections.pool import Connections
@@ -41,9 +44,12 @@ async def _serve(chat: Any, sock: socket.socket, api_key: str | None, keepalive:
     from .server import Server
 
     async with Connections(chat.flow) as connections:
+        connections.check_env(chat.flow.connections)  # every unset ${env.X} at once, in one error
         for name in chat.flow.connections:  # open them now: a wrong setting fails here, not per request
             await connections.get(name)
         served = Served(chat, connections, api_key, keepalive)
+        if max_body_size is not None:
+            served.max_body_size = max_body_size
         app = create_app(served)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=5, ws="none")

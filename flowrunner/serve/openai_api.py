@@ -4,6 +4,7 @@ response, chunk and error shapes (shared/reference/openai-streaming-wire-format.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Mapping
@@ -31,6 +32,91 @@ class BadRequest(Exception):
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | int | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+# What a request body may hold. Python's json module would otherwise turn each of these into a 500:
+# deep nesting is a RecursionError, an integer of more than 4300 digits a ValueError, a 400-digit
+# one an OverflowError as a `number` input, and a lone surrogate (`"\ud800"`, valid JSON but not
+# Unicode) a UnicodeEncodeError wherever the text is written out again.
+MAX_DEPTH = 128  # levels of nested arrays and objects (serde_json's default)
+MAX_DIGITS = 300  # digits of a number: beyond what a double holds (about 1.8e308), nothing is exact
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+class _BadNumber(Exception):
+    pass
+
+
+def _int(text: str) -> int:
+    if len(text) > MAX_DIGITS + 1:  # + a minus sign
+        raise _BadNumber(f"a number in the request body has more than {MAX_DIGITS} digits")
+    return int(text)
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise _BadNumber(f"a number in the request body is too large for a double ({text[:20]}...)")
+    return value
+
+
+def _constant(text: str) -> Any:
+    raise _BadNumber(f"the request body is not valid JSON: {text} is not a JSON number")
+
+
+def read_json(raw: bytes) -> Any:
+    """The request body, parsed; or BadRequest (400) for anything that is not plain JSON text: not
+    UTF-8, not JSON, nested deeper than MAX_DEPTH, a number beyond MAX_DIGITS or a double, NaN or
+    Infinity, a lone surrogate in a string or a key."""
+    try:
+        body = json.loads(raw, parse_int=_int, parse_float=_float, parse_constant=_constant)
+    except RecursionError:
+        raise BadRequest(f"the request body is nested deeper than {MAX_DEPTH} levels") from None
+    except _BadNumber as e:
+        raise BadRequest(str(e)) from None
+    except UnicodeDecodeError:
+        raise BadRequest("the request body is not valid UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise BadRequest(f"the request body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except ValueError:  # bytes json.loads cannot even decode (a UTF-16 BOM without its pair...)
+        raise BadRequest("the request body is not valid JSON") from None
+    # The walk costs a little, so it runs only when a body could be too deep or hold a surrogate
+    # (an escaped one: raw UTF-8 cannot hold a surrogate, and json.loads refused any that did).
+    texts = _SURROGATE_ESCAPE.search(raw) is not None
+    if texts or raw.count(b"[") + raw.count(b"{") > MAX_DEPTH:
+        _check_tree(body, texts)
+    return body
+
+
+def _check_tree(body: Any, texts: bool) -> None:
+    """BadRequest for nesting deeper than MAX_DEPTH, and (`texts`) for a lone surrogate."""
+    stack: list[tuple[Any, int, str]] = [(body, 1, "")]
+    while stack:
+        value, depth, path = stack.pop()
+        if isinstance(value, str):
+            if texts:
+                _check_text(value, path)
+            continue
+        if not isinstance(value, (dict, list)):
+            continue
+        if depth > MAX_DEPTH:
+            raise BadRequest(f"the request body is nested deeper than {MAX_DEPTH} levels")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if texts:
+                    _check_text(key, path or "(body)")
+                stack.append((item, depth + 1, f"{path}.{key}" if path else key))
+        else:
+            stack.extend((item, depth + 1, f"{path}[{i}]") for i, item in enumerate(value))
+
+
+def _check_text(text: str, path: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        # Never echo the character: it cannot be written out as UTF-8, which is the point.
+        raise BadRequest(f"the request body holds a lone surrogate (\\u{ord(text[e.start]):04x}), which is not "
+                         "Unicode text: send each character whole (or as a surrogate pair)", path or None) from None
 
 
 @dataclass(frozen=True)
@@ -110,6 +196,9 @@ class Shapes:
     def content_chunk(self, text: str) -> bytes:
         return self._content_head + json.dumps(text, ensure_ascii=False).encode() + self._content_tail
 
+    def refusal_chunk(self, refusal: str) -> bytes:
+        return self._chunk({"refusal": refusal}, None)
+
     def finish_chunk(self, finish_reason: str) -> bytes:
         return self._chunk({}, finish_reason)
 
@@ -123,9 +212,11 @@ class Shapes:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         return f"data: {self._head},\"choices\":[{_dumps(choice)}]}}\n\n".encode()
 
-    def completion(self, text: str, finish_reason: str, usage: Mapping[str, Any] | None) -> dict[str, Any]:
+    def completion(self, text: str, finish_reason: str, usage: Mapping[str, Any] | None,
+                   refusal: str | None = None) -> dict[str, Any]:
+        content = None if refusal and not text else text  # OpenAI's refusal: content null, refusal set
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "refusal": refusal,
                                                      "annotations": []},
                              "logprobs": None, "finish_reason": finish_reason}],
                 "usage": usage_or_zero(usage), "system_fingerprint": None}

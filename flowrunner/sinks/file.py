@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..events import Event, TextDelta
+from .guard import guarded
 
 
 class FileSink:
@@ -10,7 +11,7 @@ class FileSink:
     stdout_taken = False
 
     def __init__(self, path: str) -> None:
-        self.stream = open(path, "w", encoding="utf-8")  # noqa: SIM115
+        self.stream = guarded(open(path, "w", encoding="utf-8"), f"the text file {path}")  # noqa: SIM115
 
     def handle(self, event: Event) -> None:
         if type(event) is TextDelta and event.text:

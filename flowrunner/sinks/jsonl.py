@@ -4,20 +4,26 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import Any
 
 from .. import secrets
 from ..events import Event
+from .guard import guarded
 
 
 class JsonlSink:
     def __init__(self, path: str) -> None:
         self.uses_stdout = self.stdout_taken = path == "-"
-        self.stream = sys.stdout if self.uses_stdout else open(path, "w", encoding="utf-8")  # noqa: SIM115
+        stream = sys.stdout if self.uses_stdout else open(path, "w", encoding="utf-8")  # noqa: SIM115
+        self.stream = guarded(stream, "stdout" if self.uses_stdout else f"the events file {path}")
         self._finished = False
+        self._run: dict[str, Any] = {}  # run_id, and when it started: for a run stopped before its run_finished
 
     def handle(self, event: Event) -> None:
         record = event.as_dict()
+        if event.kind == "run_started":
+            self._run = {"run_id": record["run_id"], "started": time.monotonic()}
         if event.kind == "run_finished":
             self._finished = True
         elif event.kind != "text":  # the model's own words are left alone; everything else is masked
@@ -26,8 +32,11 @@ class JsonlSink:
         self.stream.flush()
 
     def close(self, interrupted: bool = False) -> None:
-        if interrupted and not self._finished:
-            self.stream.write(json.dumps({"event": "run_finished", "status": "interrupted"}) + "\n")
+        if interrupted and not self._finished:  # stopped at once (a second Ctrl-C): the engine could not say it
+            ended = {"event": "run_finished", "run_id": self._run.get("run_id"), "status": "interrupted", "outputs": {}}
+            if self._run:
+                ended["duration"] = time.monotonic() - self._run["started"]
+            self.stream.write(json.dumps(ended) + "\n")
         self.stream.flush()
         if not self.uses_stdout:
             self.stream.close()

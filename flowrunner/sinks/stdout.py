@@ -5,35 +5,33 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
+from .. import console
 from ..events import Event, StepFinished, TextDelta
+from .guard import guarded
 
 
 class StdoutSink:
     uses_stdout = True
 
     def __init__(self, stream: TextIO | None = None) -> None:
-        self.stream = stream or sys.stdout
+        self.stream = guarded(stream or sys.stdout, "stdout")  # a full disk or a closed pipe: a clear error
         self.wrote_text = False
-        self._last = "\n"
 
     def handle(self, event: Event) -> None:
         if type(event) is TextDelta:
             if event.text:
                 self.stream.write(event.text)
                 self.stream.flush()
-                self._last = event.text[-1]
+                console.wrote(self.stream, event.text)
                 self.wrote_text = True
-        elif type(event) is StepFinished and self._last != "\n":
+        elif type(event) is StepFinished:
             # End a streamed answer with a newline, so the shell prompt does not follow it on one line.
-            self.stream.write("\n")
-            self.stream.flush()
-            self._last = "\n"
+            console.end_line(self.stream)
 
     @property
     def stdout_taken(self) -> bool:
         return self.wrote_text
 
     def close(self, interrupted: bool = False) -> None:
-        if self._last != "\n":
-            self.stream.write("\n")
+        console.end_line(self.stream)
         self.stream.flush()

@@ -18,15 +18,21 @@ from .vector_search import VectorSearchStep
 from .vector_upsert import VectorUpsertStep
 
 STEP_TYPES: dict[str, type[Step]] = {}
+_generation = 0  # counts changes to STEP_TYPES
 
 
 def register(cls: type[Step]) -> type[Step]:
     """Add a step type (usable as a class decorator)."""
+    global _generation
     STEP_TYPES[cls.type_name] = cls
-    from ..flow import schema  # the schema is generated from this registry: drop the cached one
-
-    schema.invalidate()
+    _generation += 1
     return cls
+
+
+def generation() -> int:
+    """Changes whenever a step type is registered: what is built from the registry (the flow schema,
+    its compiled validators) is cached under this number, so a plugin registered later is seen."""
+    return _generation
 
 
 for _cls in (SetStep, ChatCompletionStep, VectorSearchStep, VectorUpsertStep, HistoryLoadStep, HistorySaveStep):

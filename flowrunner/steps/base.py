@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from ..events import Event
-    from ..engine import StepContext
+    from .context import StepContext
     from ..errors import Problem
     from ..flow.model import Flow, StepSpec
 
@@ -36,6 +36,9 @@ class Step(ABC):
     properties: ClassVar[dict[str, dict[str, Any]]] = {}
     required: ClassVar[tuple[str, ...]] = ()
     outputs: ClassVar[dict[str, str]] = {}  # output name -> what it holds
+    # Outputs that may be null although the step succeeded (a server that sends no usage): a reference
+    # into one of them reads as null with a warning, instead of failing the run (refs.Scope.optional).
+    optional_outputs: ClassVar[frozenset[str]] = frozenset()
     result_default: ClassVar[str | None] = None  # variable bound by `result:`; None: no result
     result_output: ClassVar[str] = "text"  # which output the result variable gets
     connection_types: ClassVar[tuple[str, ...]] = ()  # what `connection:` may name
@@ -54,6 +57,14 @@ class Step(ABC):
                 "description": f"variable that receives the {cls.result_output} (default '{cls.result_default}')",
             }
         return {"properties": props, "required": list(cls.required)}
+
+    @classmethod
+    def connections_used(cls, spec: StepSpec, run: Any) -> list[str]:
+        """The connections, named in the flow, that this step opens in `run` (a RunView): the engine
+        checks their environment variables before the first step. Override when a mode (a replay,
+        `serve`'s client history) opens fewer; a name from a ${...} reference is checked when used."""
+        name = spec.props.get("connection")
+        return [name] if cls.connection_types and isinstance(name, str) else []
 
     @classmethod
     def bindings(cls, spec: StepSpec) -> dict[str, str]:

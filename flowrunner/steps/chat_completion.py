@@ -13,7 +13,7 @@ from .base import Outputs, Step, ref_or
 
 if TYPE_CHECKING:
     from ..connections.openai import LLMClient
-    from ..engine import StepContext
+    from .context import StepContext
     from ..events import Event
     from ..flow.model import StepSpec
 
@@ -47,12 +47,15 @@ class ChatCompletionStep(Step):
     outputs = {
         "text": "the answer (bound to `result`, default variable `response`)",
         "finish_reason": "stop | length | tool_calls | content_filter",
-        "usage": "{prompt_tokens, completion_tokens, total_tokens, ...}",
+        "usage": "{prompt_tokens, completion_tokens, total_tokens, ...}; null when the server sent none",
         "tool_calls": "[{id, type, name, arguments}] with arguments parsed from JSON",
-        "refusal": "the model's refusal text, if it refused",
-        "model": "the model that answered",
+        "refusal": "the model's refusal text when it refused (a warning, exit 0); otherwise null",
+        "model": "the model that answered; null when the server did not say",
         "partial": "true when the stream broke before the end",
     }
+    # A server may send no usage (llama.cpp, Ollama, a dry run or an old recording) and no model name;
+    # a reference into them then reads as null with a warning instead of failing a run that succeeded.
+    optional_outputs = frozenset({"usage", "refusal", "model"})
     result_default = "response"
     result_output = "text"
     example = """\
@@ -67,6 +70,11 @@ class ChatCompletionStep(Step):
   temperature: 0.2
   max_completion_tokens: 800
 """
+
+    @classmethod
+    def connections_used(cls, spec: StepSpec, run: Any) -> list[str]:
+        offline = run.llm_mode is not None and run.llm_mode.kind in ("dry-run", "replay")
+        return [] if offline else super().connections_used(spec, run)
 
     @classmethod
     def check(cls, spec: StepSpec, flow: Any) -> list[Problem]:
@@ -93,8 +101,14 @@ class ChatCompletionStep(Step):
         kind = mode.kind if mode is not None else None
         conn = ctx.resolved_connection()  # offline, the connection is never opened: no key needed
         model = p.get("model") if conn.type == "openai" else (p.get("deployment") or conn.config.get("deployment"))
+        if "history" in p:
+            history = p["history"]
+        else:  # `serve` / `chat` with a flow that keeps no history: the client's earlier messages
+            from ..conversation import default_chat_history
+
+            history = default_chat_history(ctx.run)
         try:
-            messages = build_messages(p.get("system_prompt"), p.get("history"), to_text(p["user_prompt"]),
+            messages = build_messages(p.get("system_prompt"), history, to_text(p["user_prompt"]),
                                       p.get("context"), p.get("prompt_template"))
         except PromptError as e:
             raise StepFailed(str(e)) from None
@@ -114,6 +128,7 @@ class ChatCompletionStep(Step):
             return
         if mode is not None and not p.get("stream", True):
             raise StepFailed("--record and --replay work with streaming chat steps (stream: true)")
+        ctx.run.chat_messages[ctx.step_id] = messages  # `serve` counts them when the server sends no usage
         try:
             if kind == "replay":
                 from ..llm.stream import replay_stream
@@ -133,11 +148,12 @@ class ChatCompletionStep(Step):
                     yield TextDelta(ctx.step_id, text)
         except StreamError as e:
             raise StepFailed(e.message, hint=e.hint, outputs=state.outputs(partial=True),
-                             retryable=e.retryable and not state.parts, http_status=e.status) from None
+                             retryable=e.retryable and not state.parts, http_status=e.status,
+                             http_headers=e.headers) from None
         if not state.finish_reason:
             raise StepFailed("the stream ended before the model finished (no finish_reason)",
                              hint="the server closed the connection early", outputs=state.outputs(partial=True),
-                             retryable=not state.parts)
+                             retryable=not state.parts, http_status=502)  # the model's server broke it off
         if not state.done and p.get("stream", True):
             yield Warning(ctx.step_id, "the stream ended without [DONE]; usage may be missing")
         if state.finish_reason == "content_filter":
@@ -145,6 +161,10 @@ class ChatCompletionStep(Step):
                              outputs=state.outputs(partial=True))
         if state.finish_reason == "length":
             yield Warning(ctx.step_id, "the answer was cut off at max_completion_tokens (finish_reason: length)")
+        if state.refusal:
+            # A refusal is a complete answer (OpenAI ends it with finish_reason stop): the step succeeds,
+            # and the refusal is its `refusal` output, but it is never silent.
+            yield Warning(ctx.step_id, f"the model refused to answer: {''.join(state.refusal)}")
         try:
             calls = state.parsed_tool_calls()
         except StreamError as e:

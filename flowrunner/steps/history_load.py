@@ -9,7 +9,8 @@ from ..history import access
 from .base import Outputs, Step, ref_or
 
 if TYPE_CHECKING:
-    from ..engine import StepContext
+    from ..flow.model import StepSpec
+    from .context import StepContext
     from ..events import Event
 
 
@@ -42,15 +43,26 @@ class HistoryLoadStep(Step):
   create: true
 """
 
+    @classmethod
+    def connections_used(cls, spec: StepSpec, run: Any) -> list[str]:
+        # `serve` passes the client's messages; a replay may serve the recorded history: no store then
+        reads = run.client_history is None and (run.llm_mode is None or run.llm_mode.kind != "replay")
+        return super().connections_used(spec, run) if reads else []
+
     async def run(self, ctx: StepContext) -> AsyncIterator[Event | Outputs]:
         p = ctx.props
         limit = int(p.get("max_messages", 20))
+        mode = ctx.run.llm_mode  # --replay serves what the recorded run loaded, so it repeats that run
+        if mode is not None and mode.kind == "replay" and (recorded := mode.take_history(ctx.step_id)) is not None:
+            yield Outputs(recorded)
+            return
         if ctx.run.client_history is not None:  # `serve`: the messages the client sent (see Run)
-            messages = list(ctx.run.client_history[-limit:])
+            messages = _from_a_turn_start(list(ctx.run.client_history[-limit:]))
         else:
             store, table = await access.open_store(ctx)
             rows = await access.guarded(store.load(table, p["conversation_id"], limit), table, store)
-            messages = [{"role": role, "content": content} for _seq, role, content, _status in reversed(rows)]
+            messages = _from_a_turn_start([{"role": role, "content": content}
+                                           for _seq, role, content, _status in reversed(rows)])
         outputs: dict[str, Any] = {"dropped": 0, "tokens": None}
         if p.get("max_tokens") is not None:
             import asyncio
@@ -61,4 +73,18 @@ class HistoryLoadStep(Step):
             kept, outputs["tokens"] = await asyncio.to_thread(trim, messages, int(p["max_tokens"]))
             outputs["dropped"] = len(messages) - len(kept)
             messages = kept
+        if mode is not None and mode.kind == "record":
+            mode.save_history(ctx.step_id, {"conversation_id": p["conversation_id"], "max_messages": limit,
+                                            "max_tokens": p.get("max_tokens")}, {"messages": messages, **outputs})
         yield Outputs({"messages": messages, "count": len(messages), **outputs})
+
+
+def _from_a_turn_start(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The history starts at a user message (after any system message). When `max_messages` cuts a
+    conversation, the answers before the window's first user message belong to a question left out;
+    a history that opens with an assistant message misleads the model, and many chat templates
+    reject it outright."""
+    first_user = next((i for i, m in enumerate(messages) if m.get("role") == "user"), len(messages))
+    if first_user == 0:
+        return messages
+    return [m for m in messages[:first_user] if m.get("role") == "system"] + messages[first_user:]

@@ -6,7 +6,6 @@ there is (the user's message, the partial answer) is stored with status `partial
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -16,7 +15,7 @@ from ..history import access
 from .base import Outputs, Step, ref_or
 
 if TYPE_CHECKING:
-    from ..engine import StepContext
+    from .context import StepContext
     from ..events import Event
     from ..flow.model import StepSpec
 
@@ -46,7 +45,8 @@ class HistorySaveStep(Step):
         "messages": ref_or({"type": "array", "items": _MESSAGE, "minItems": 1}) | {
             "description": "instead of user_prompt/response: [{role, content, id?, metadata?}]"},
         "turn_id": {"type": "string", "minLength": 1, "maxLength": 200,
-                    "description": "a stable id for this turn (default: the run id): saving the same turn "
+                    "description": "a stable id for this turn (default: the run id; a batch item's id, the "
+                                   "same when --resume runs it again): saving the same turn "
                                    "again, from any run, updates it instead of adding to it"},
         "status": {"enum": ["complete", "partial"],
                    "description": "default: partial when an earlier step failed, else complete"},
@@ -64,6 +64,11 @@ class HistorySaveStep(Step):
   user_prompt: ${inputs.question}
   response: ${response}
 """
+
+    @classmethod
+    def connections_used(cls, spec: StepSpec, run: Any) -> list[str]:
+        writes = (run.llm_mode is None or run.llm_mode.calls_model) and run.client_history is None
+        return super().connections_used(spec, run) if writes else []
 
     @classmethod
     def check(cls, spec: StepSpec, flow: Any) -> list[Problem]:
@@ -95,7 +100,7 @@ class HistorySaveStep(Step):
         base = dict(p.get("metadata") or {})
         if failed and "error" not in base:
             base["error"] = redact(ctx.run.errors[0].message)
-        turn = p.get("turn_id") or ctx.run.run_id
+        turn = p.get("turn_id") or ctx.run.turn_id  # the run id, or a batch item's stable id
         rows, ids = [], []
         for i, m in enumerate(items):
             mid = m.get("id") or _message_id(conversation, turn, ctx.step_id, i)
@@ -119,6 +124,8 @@ class HistorySaveStep(Step):
 
 
 def _message_id(conversation: str, turn: str, step: str, index: int) -> str:
+    import hashlib  # here, not at the top: loading OpenSSL would slow every `validate`
+
     key = "\0".join((conversation, turn, step, str(index)))
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 

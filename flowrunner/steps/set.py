@@ -9,7 +9,7 @@ from .base import Outputs, Step
 
 if TYPE_CHECKING:
     from ..events import Event
-    from ..engine import StepContext
+    from .context import StepContext
     from ..flow.model import StepSpec
 
 
@@ -35,11 +35,17 @@ class SetStep(Step):
 
     @classmethod
     def bindings(cls, spec: StepSpec) -> dict[str, str]:
-        return {name: name for name in spec.props.get("values", {})}
+        return {name: name for name in _names(spec)}
 
     @classmethod
     def declared_outputs(cls, spec: StepSpec) -> tuple[str, ...]:
-        return tuple(spec.props.get("values", {}))
+        return tuple(_names(spec))
 
     async def run(self, ctx: StepContext) -> AsyncIterator[Event | Outputs]:
         yield Outputs(dict(ctx.props["values"]))
+
+
+def _names(spec: StepSpec) -> list[str]:
+    """The names `values` binds; none when it is not a mapping (the schema reports that)."""
+    values = spec.props.get("values")
+    return [k for k in values if isinstance(k, str)] if isinstance(values, dict) else []

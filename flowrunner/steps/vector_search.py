@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import Problem, StepFailed
 from ..vector import embeddings
-from ..vector.table import METRICS, SCHEMA_FRAGMENT, VectorTable, check_dimensions, explain_db_error
+from ..vector.table import METRICS, SCHEMA_FRAGMENT, VectorTable, explain_db_error
 from .base import Outputs, Step, ref_or
 
 if TYPE_CHECKING:
-    from ..engine import StepContext
+    from .context import StepContext
     from ..events import Event
     from ..flow.model import StepSpec
 
@@ -50,6 +50,10 @@ class VectorSearchStep(Step):
 """
 
     @classmethod
+    def connections_used(cls, spec: StepSpec, run: Any) -> list[str]:
+        return [*super().connections_used(spec, run), *embeddings.connections_used(spec.props.get("embedding"), run)]
+
+    @classmethod
     def check(cls, spec: StepSpec, flow: Any) -> list[Problem]:
         props, path = spec.props, f"steps[{spec.index}]"
         problems = []
@@ -70,15 +74,25 @@ class VectorSearchStep(Step):
         return problems
 
     async def run(self, ctx: StepContext) -> AsyncIterator[Event | Outputs]:
+        from ..vector import identity
 
         p = ctx.props
         vt = VectorTable.from_props(p)
         metric = p.get("metric", "cosine")
+        db = await ctx.connection()
+        try:  # the table first: a missing table or another model's is an error before any embedding
+            info = await identity.table_info(db, vt)
+        except Exception as e:
+            raise explain_db_error(e, vt, db.where) from None
+        identity.check_table(info, vt)
         if p.get("vector") is not None:
             vector = p["vector"]
         else:
+            identity.refuse_other_model(info, vt, identity.model_of(p["embedding"]), searching=True)
+            text = _text(p["query"])
             embedder = await embeddings.embedder_for(p["embedding"], ctx)
-            vector = (await embedder.embed([_text(p["query"])]))[0]
+            vector = (await embedder.embed([text]))[0]
+        identity.check_width(info, vt, len(vector))
         args: list[Any] = [vector, int(p.get("top_k", 5))]
         filter_param = threshold = None
         if p.get("filter"):
@@ -91,12 +105,8 @@ class VectorSearchStep(Step):
             args.append(float(p["max_distance"]))
             threshold = f"distance <= ${len(args)}"
         sql = vt.search_sql(metric, filter_param, threshold)
-        db = await ctx.connection()
         try:
-            await check_dimensions(db, vt, len(vector))
             rows = await db.pool.fetch(sql, *args)
-        except StepFailed:
-            raise
         except Exception as e:
             raise explain_db_error(e, vt, db.where) from None
         score = _scorer(metric)

@@ -14,7 +14,7 @@ from ..vector.table import METRICS, SCHEMA_FRAGMENT, VectorTable, explain_db_err
 from .base import Outputs, Step, ref_or
 
 if TYPE_CHECKING:
-    from ..engine import StepContext
+    from .context import StepContext
     from ..events import Event
     from ..flow.model import StepSpec
 
@@ -28,7 +28,14 @@ class VectorUpsertStep(Step):
     properties: ClassVar[dict[str, dict[str, Any]]] = {
         **SCHEMA_FRAGMENT,
         "files": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}],
-                  "description": "glob(s) of text/markdown files, relative to the flow file's folder"},
+                  "description": "glob(s) of text/markdown files, relative to the flow file's folder; every file "
+                                 "must lie in `root` (symlinks resolved)"},
+        "root": {"type": "string", "minLength": 1,
+                 "description": "the folder `files` may read from, relative to the flow file's folder (default: "
+                                "that folder itself), e.g. `..`; never a reference"},
+        "allow_referenced_files": {"type": "boolean", "default": False,
+                                   "description": "let `files` come from a ${...} reference (an input): whoever "
+                                                  "gives the value picks the files, still only inside `root`"},
         "documents": ref_or({"type": "array"}) | {
             "description": "texts, or {id, content, metadata} objects (e.g. from a variable)"},
         "embedding": embeddings.SCHEMA,
@@ -55,6 +62,10 @@ class VectorUpsertStep(Step):
 """
 
     @classmethod
+    def connections_used(cls, spec: StepSpec, run: Any) -> list[str]:
+        return [*super().connections_used(spec, run), *embeddings.connections_used(spec.props.get("embedding"), run)]
+
+    @classmethod
     def check(cls, spec: StepSpec, flow: Any) -> list[Problem]:
         props = spec.props
         problems = []
@@ -63,46 +74,85 @@ class VectorUpsertStep(Step):
                                     f"steps[{spec.index}]"))
         if isinstance(props.get("embedding"), dict):
             problems += embeddings.check(props["embedding"], flow.connections, spec)
+        if _from_reference(props.get("files")) and props.get("allow_referenced_files") is not True:
+            problems.append(Problem(
+                "`files` comes from a reference: whoever gives that value would choose which files are read "
+                "(and, through vector_search, shown)", spec.location, f"steps[{spec.index}].files",
+                "write the globs in the flow; or, if the value is trusted, add `allow_referenced_files: true` "
+                "(the files must still lie in the flow's folder, or `root:`)"))
+        if _from_reference(props.get("root")):
+            problems.append(Problem("`root` cannot come from a reference: it is what confines `files`",
+                                    spec.location, f"steps[{spec.index}].root", "write the folder in the flow"))
         return problems
 
     async def run(self, ctx: StepContext) -> AsyncIterator[Event | Outputs]:
-        from ..events import Progress
+        from .. import events
+        from ..vector import identity
 
         p = ctx.props
         vt = VectorTable.from_props(p)
         size, overlap = int(p.get("chunk_size", 1000)), int(p.get("chunk_overlap", 200))
         sources: list[str] = []  # the files read, even those now empty
         if p.get("files") is not None:
-            chunks = _file_chunks(p["files"], Path(ctx.run.flow.file).parent, size, overlap, sources)
+            if _from_reference(self.spec.props.get("files")) and p.get("allow_referenced_files") is not True:
+                raise StepFailed("`files` comes from a reference", hint="add `allow_referenced_files: true` to allow it")
+            base = Path(ctx.run.flow.file).parent
+            root = _Root(base, p.get("root"))
+            chunks = _file_chunks(p["files"], base, root, size, overlap, sources)
         else:
             chunks = _document_chunks(p["documents"], size, overlap)
+        model = identity.model_of(p["embedding"])
         db = await ctx.connection()
         try:
             if p.get("create"):
                 await db.enable_vectors()
+            info = await identity.table_info(db, vt, cached=False)
+            # Before anything is embedded or written: a chunk stored by another model is not "unchanged".
+            identity.refuse_other_model(info, vt, model, searching=False)
             stored = await _stored(db, vt, [c[0] for c in chunks], create=bool(p.get("create")))
+            # A table from before the model was recorded: its rows are taken as this model's, said aloud.
+            unknown_rows = info.exists and info.model is None and bool(
+                stored or await db.pool.fetchval(f"SELECT EXISTS (SELECT 1 FROM {vt.sql_table})"))
+        except StepFailed:
+            raise
         except Exception as e:
             raise explain_db_error(e, vt, db.where) from None
+        unrecorded = info.model is None and not info.foreign_comment
+        if unknown_rows:
+            yield events.Warning(ctx.step_id, _unrecorded_warning(vt, model, info.foreign_comment))
         todo = [c for c in chunks if stored.get(c[0]) != (_md5(c[1]), c[2])]
         total, done = len(chunks), len(chunks) - len(todo)
-        yield Progress(ctx.step_id, done, total, "unchanged chunks skipped")
+        yield events.Progress(ctx.step_id, done, total, "unchanged chunks skipped")
         embedder = await embeddings.embedder_for(p["embedding"], ctx)
         batch = int(p["embedding"].get("batch_size") or embeddings.DEFAULT_BATCH)
         created = not p.get("create")  # with create, the first batch's width sizes the new table
         for start in range(0, len(todo), batch):
             part = todo[start : start + batch]
             vectors = await embedder.embed([c[1] for c in part])
+            if vectors:
+                identity.refuse_other_width(info, vt, model, len(vectors[0]))
             try:
                 if not created:
                     for statement in vt.create_sql(len(vectors[0]), p.get("metric", "cosine")):
                         await db.pool.execute(statement)
                     created = True
+                if unrecorded and vectors:  # before the first write: no row without its model
+                    unrecorded = False
+                    if not await identity.record(db, vt, model, len(vectors[0])):
+                        yield events.Warning(ctx.step_id, _cannot_record_warning(vt))
                 async with db.pool.acquire() as conn, conn.transaction():
                     await conn.executemany(vt.upsert_sql(), [(c[0], c[1], c[2], v) for c, v in zip(part, vectors)])
             except Exception as e:
                 raise explain_db_error(e, vt, db.where) from None
             done += len(part)
-            yield Progress(ctx.step_id, done, total, "embedded and upserted")
+            yield events.Progress(ctx.step_id, done, total, "embedded and upserted")
+        if unrecorded and info.exists:  # nothing to embed: the table is taken as this model's from now on
+            try:
+                width = info.width if info.width and info.width > 0 else model.dimensions
+                if not await identity.record(db, vt, model, width):
+                    yield events.Warning(ctx.step_id, _cannot_record_warning(vt))
+            except Exception as e:
+                raise explain_db_error(e, vt, db.where) from None
         ids, removed = [c[0] for c in chunks], 0
         if sources:  # ids are ours (`<file>#<n>`); a document's id is its author's
             try:  # after every upsert went in: a failed run leaves the old chunks in place, not none
@@ -115,6 +165,18 @@ class VectorUpsertStep(Step):
 
 
 Chunk = tuple[str, str, dict[str, Any]]  # id, content, metadata
+
+
+def _unrecorded_warning(vt: VectorTable, model: Any, foreign_comment: bool) -> str:
+    why = ("its embedding column has a comment of its own, so the model cannot be recorded there" if foreign_comment
+           else "it was filled before flowrunner recorded the model")
+    return (f"table '{vt.table}' does not say which embedding model made its rows ({why}): they are taken as "
+            f"{model.name}'s. If another model made them, rebuild the table (DROP TABLE {vt.table}, then create: true)")
+
+
+def _cannot_record_warning(vt: VectorTable) -> str:
+    return (f"cannot record the embedding model on table '{vt.table}' (COMMENT ON COLUMN needs the table's owner): "
+            "a later change of model will not be detected")
 
 
 def _md5(text: str) -> str:
@@ -137,14 +199,69 @@ async def _stored(db: Any, vt: Any, ids: list[str], *, create: bool) -> dict[str
     return {r[0]: (r[1], r[2]) for r in rows}
 
 
-def _file_chunks(globs: str | list[str], base: Path, size: int, overlap: int, sources: list[str]) -> list[Chunk]:
+def _from_reference(value: Any) -> bool:
+    from .. import refs
+
+    if isinstance(value, list):
+        return any(_from_reference(v) for v in value)
+    return isinstance(value, refs.Template)
+
+
+_WILDCARDS = frozenset("*?[")
+
+
+class _Root:
+    """The folder a step's files must lie in, symlinks resolved: the flow file's folder unless the
+    step's `root:` names another. A served flow must not hand out what else is on the disk."""
+
+    def __init__(self, base: Path, root: str | None) -> None:
+        self.path = (base / Path(root).expanduser() if root else base).resolve()
+        self.label = f"root: {root}" if root else "the flow file's folder"
+
+    def holds(self, path: Path) -> bool:
+        return path.resolve().is_relative_to(self.path)
+
+    def refuse(self, what: str) -> StepFailed:
+        return StepFailed(f"{what} lies outside {self.label}: a vector_upsert step reads only files inside it",
+                          hint="move the files there, or set `root:` on the step to a folder that holds them "
+                               "(relative to the flow file, e.g. root: ..)")
+
+
+def _glob(pattern: str, base: Path, root: _Root) -> list[Path]:
+    """The files of one glob. The folders before its first wildcard are checked before anything is
+    listed (so `/**/*.md` lists no directory); each match again once its symlinks are resolved."""
+    path = Path(pattern).expanduser()
+    parts = path.parts
+    literal = next((i for i, part in enumerate(parts) if _WILDCARDS & set(part)), len(parts))
+    start = (path if path.is_absolute() else base).joinpath(*parts[:literal])
+    if not root.holds(start if literal < len(parts) else start.parent):
+        raise root.refuse(pattern)
+    try:
+        if not path.is_absolute():
+            matches = list(base.glob(pattern))
+        elif literal < len(parts):
+            matches = list(start.glob(str(Path(*parts[literal:]))))
+        else:
+            matches = [path] if path.exists() else []
+    except (OSError, ValueError) as e:
+        raise StepFailed(f"cannot list files for {pattern!r}: {e}") from None
+    out = []
+    for match in sorted(matches):
+        if not (match.is_file() and match.suffix.lower() in TEXT_SUFFIXES):
+            continue
+        if not root.holds(match):  # a symlink that leads out, or `..` after a wildcard
+            raise root.refuse(str(match.relative_to(base)) if match.is_relative_to(base) else str(match))
+        out.append(match)
+    return out
+
+
+def _file_chunks(globs: str | list[str], base: Path, root: _Root, size: int, overlap: int,
+                 sources: list[str]) -> list[Chunk]:
     """The chunks of the files the globs match; their paths (as in the ids) are added to `sources`."""
     patterns = [globs] if isinstance(globs, str) else list(globs)
     files: list[Path] = []
     for pattern in patterns:
-        root = Path(pattern).expanduser()
-        matches = sorted(root.parent.glob(root.name) if root.is_absolute() else base.glob(pattern))
-        files.extend(m for m in matches if m.is_file() and m.suffix.lower() in TEXT_SUFFIXES and m not in files)
+        files.extend(m for m in _glob(pattern, base, root) if m not in files)
     if not files:
         raise StepFailed(f"no text or markdown files match {', '.join(patterns)} (relative to {base})",
                          hint=f"files are {', '.join(sorted(TEXT_SUFFIXES))}; globs are relative to the flow file's folder")

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..errors import Problem, StepFailed
 
 if TYPE_CHECKING:
-    from ..engine import StepContext
+    from ..steps.context import StepContext
 
 DEFAULT_LOCAL_MODEL = "all-MiniLM-L6-v2"
 DEFAULT_BATCH = 128
@@ -39,6 +39,8 @@ def check(spec: Mapping[str, Any], connections: Mapping[str, Any], step: Any) ->
     if not name:
         return [Problem("embedding needs `connection:` (an openai or azure_openai connection), or provider: local",
                         step.location, path)]
+    if not isinstance(name, str):
+        return []  # a ${...} reference: checked when the step runs (embedder_for)
     conn = connections.get(name)
     if conn is None:
         return [Problem(f"unknown connection '{name}'", step.location, f"{path}.connection",
@@ -49,6 +51,13 @@ def check(spec: Mapping[str, Any], connections: Mapping[str, Any], step: Any) ->
     if not spec.get("model"):
         return [Problem("embedding needs `model:` (e.g. text-embedding-3-small)", step.location, path)]
     return []
+
+
+def connections_used(spec: Any, run: Any) -> list[str]:
+    """The LLM connection an `embedding:` mapping opens in `run` (none in a replay: recorded vectors)."""
+    if not isinstance(spec, Mapping) or spec.get("provider") == "local" or not isinstance(spec.get("connection"), str):
+        return []
+    return [] if run.llm_mode is not None and run.llm_mode.kind == "replay" else [spec["connection"]]
 
 
 class Embedder(Protocol):
@@ -72,7 +81,8 @@ class OpenAIEmbedder:
                                                                 **extra)
             except openai.APIError as e:
                 err = api_error(e, self.llm)
-                raise StepFailed(f"embedding failed: {err.message}", hint=err.hint, retryable=err.retryable) from None
+                raise StepFailed(f"embedding failed: {err.message}", hint=err.hint, retryable=err.retryable,
+                                 http_status=err.status, http_headers=err.headers) from None  # serve: 429...
             out.extend(item.embedding for item in sorted(reply.data, key=lambda d: d.index))
         return out
 
@@ -84,7 +94,10 @@ class LocalEmbedder:
     async def embed(self, texts: Sequence[str]) -> list[Any]:
         import asyncio
 
-        model = await asyncio.to_thread(_load_local, self.name)
+        from .. import stepclock
+
+        with stepclock.paused():  # loading the model (importing torch) is set-up, like opening a connection
+            model = await asyncio.to_thread(_load_local, self.name)
         vectors = await asyncio.to_thread(model.encode, list(texts), batch_size=self.batch_size,
                                           normalize_embeddings=True, show_progress_bar=False)
         return list(vectors)
@@ -128,6 +141,9 @@ async def embedder_for(spec: Mapping[str, Any], ctx: StepContext) -> Embedder:
     kind = mode.kind if mode is not None else None
     if kind == "replay":  # the recorded vectors; the connection stays closed
         return ReplayEmbedder(mode, ctx.step_id, spec["model"], spec.get("dimensions"))
+    # A name that came through a ${...} reference is known only now: declared, and an LLM connection?
+    ctx.run.connections.check(spec["connection"], ("openai", "azure_openai"), "embeddings",
+                              f"embedding.connection is {spec['connection']!r}")
     embedder = OpenAIEmbedder(await ctx.connection(spec["connection"]), spec["model"], spec.get("dimensions"), batch)
     if kind == "record":
         return RecordingEmbedder(embedder, mode, ctx.step_id)

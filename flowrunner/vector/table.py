@@ -43,7 +43,7 @@ SCHEMA_FRAGMENT: dict[str, dict[str, Any]] = {
 
 
 def quote(name: str, what: str = "identifier") -> str:
-    if not isinstance(name, str) or not _IDENT.match(name):
+    if not isinstance(name, str) or not _IDENT.fullmatch(name):
         raise StepFailed(f"{what} {name!r} is not a valid name",
                          hint="use letters, digits and '_', starting with a letter or '_' (at most 63)")
     return f'"{name}"'
@@ -58,7 +58,7 @@ class VectorTable:
     @classmethod
     def from_props(cls, props: Mapping[str, Any]) -> VectorTable:
         table = props["table"]
-        if not isinstance(table, str) or not _TABLE.match(table):
+        if not isinstance(table, str) or not _TABLE.fullmatch(table):
             raise StepFailed(f"table {table!r} is not a valid name",
                              hint="use letters, digits and '_' (schema.table allowed)")
         names = {**DEFAULT_COLUMNS, **(props.get("columns") or {})}
@@ -112,30 +112,6 @@ class VectorTable:
                 f"WHERE {c['id']}::text = ANY($1::text[])")
 
 
-async def check_dimensions(db: Any, vt: VectorTable, dims: int) -> None:
-    """The table exists, has the embedding column, and its width matches the query vector.
-    One catalog query per table per run (cached on the connection object), so an empty table or a
-    missing one gets a clear error too, not just a table that happens to hold rows."""
-    key = (vt.sql_table, vt.columns["embedding"])
-    width = db.dims_cache.get(key)
-    if width is None:
-        column = vt.columns["embedding"].strip('"')
-        exists, width = await db.pool.fetchrow(
-            "SELECT to_regclass($1) IS NOT NULL, (SELECT atttypmod FROM pg_attribute WHERE attrelid = to_regclass($1) "
-            "AND attname = $2 AND NOT attisdropped)", vt.sql_table, column)
-        if not exists:
-            raise StepFailed(f"table '{vt.table}' does not exist",
-                             hint="create it with a vector_upsert step (create: true), or check `table:`")
-        if width is None:
-            raise StepFailed(f"table '{vt.table}' has no column '{column}'",
-                             hint="set `columns: {embedding: ...}` to the table's vector column")
-        db.dims_cache[key] = width
-    if width > 0 and width != dims:
-        raise StepFailed(f"dimension mismatch for table '{vt.table}': the query vector has {dims} dimensions, "
-                         f"the column holds {width}",
-                         hint="use the same embedding model (and `dimensions`) for search as for ingestion")
-
-
 def explain_db_error(e: BaseException, vt: VectorTable, where: str) -> StepFailed:
     """asyncpg's errors, said in terms of the flow: which table, column or dimension is wrong."""
     import asyncpg
@@ -152,6 +128,9 @@ def explain_db_error(e: BaseException, vt: VectorTable, where: str) -> StepFaile
     if "different vector dimensions" in text or "expected" in text and "dimensions" in text:
         return StepFailed(f"dimension mismatch for table '{vt.table}': {text}",
                           hint="use the same embedding model (and `dimensions`) for search as for ingestion")
-    if isinstance(e, (OSError, asyncpg.InterfaceError, asyncpg.ConnectionDoesNotExistError)):
-        return StepFailed(f"lost the connection to {where}: {text or type(e).__name__}", retryable=True)
+    from ..connections.pgerrors import lost_connection
+
+    lost = lost_connection(e, where)
+    if lost is not None:
+        return lost
     return StepFailed(f"PostgreSQL error on table '{vt.table}': {text}")

@@ -1,0 +1,50 @@
+"""What a running step sees. The engine builds a StepContext for each attempt of a step; steps (and
+the helpers they call) depend on this module, never on the engine, so the import graph has no
+circle between the engine and the steps it runs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from ..connections.pool import Connections
+    from ..errors import FlowError
+    from ..flow.model import Flow, StepSpec
+
+
+class RunView(Protocol):
+    """The parts of the engine's Run that steps read."""
+
+    flow: Flow
+    run_id: str
+    turn_id: str  # history_save's default turn id: the run id, or a batch item's stable id
+    connections: Connections
+    errors: list[FlowError]
+    llm_mode: Any  # None (live), or a flowrunner.llm.replay DryRun / Recorder / Replayer
+    client_history: list[dict[str, Any]] | None
+
+
+class StepContext:
+    """What a running step sees: its resolved properties and the run's connections."""
+
+    def __init__(self, spec: StepSpec, props: dict[str, Any], run: RunView, attempt: int) -> None:
+        self.spec = spec
+        self.props = props
+        self.run = run
+        self.attempt = attempt
+        self.partial: Callable[[], dict[str, Any]] | None = None  # set by steps that stream
+
+    def partial_outputs(self) -> dict[str, Any]:
+        """What the step has produced so far, for when it is stopped from outside (a timeout)."""
+        return dict(self.partial()) if self.partial else {}
+
+    @property
+    def step_id(self) -> str:
+        return self.spec.id
+
+    async def connection(self, name: str | None = None) -> Any:
+        return await self.run.connections.get(name or self.props["connection"])
+
+    def resolved_connection(self, name: str | None = None) -> Any:
+        return self.run.connections.resolved[name or self.props["connection"]]
