@@ -41,9 +41,9 @@ def chat_loop(flow_path: Path, conversation_id: str | None, extra: dict[str, str
     failed = False
     with asyncio.Runner() as runner:
         connections = Connections(flow)
-        from .engine import Run
+        from .engine import check_connections
 
-        Run(flow, first[0], connections=connections, client_history=first[1])  # an unset ${env.X}: exit 2 now
+        check_connections(flow, connections, client_history=first[1])  # an unset ${env.X}: exit 2 now
         try:
             while True:
                 try:
@@ -80,7 +80,8 @@ async def _turn(chat: Any, connections: Any, text: str, conversation: str, earli
 
     inputs, client_history = chat.turn(text, conversation_id=conversation, earlier=earlier, extra=extra,
                                        extra_is_text=True)
-    run = Run(chat.flow, inputs, connections=connections, client_history=client_history)
+    # Ctrl-C stops the answer; the run_on_failure steps still save the turn the user saw.
+    run = Run(chat.flow, inputs, connections=connections, client_history=client_history, grace_on_cancel=True)
     sink = StdoutSink()
     parts: list[str] = []
     async with aclosing(run.events()) as events:

@@ -14,7 +14,9 @@ import click
 
 from . import __version__
 from .errors import EXIT_INTERRUPTED, FlowError, Problem
+from .files import DEFAULT_MAX_BODY, echo, format_size, os_error
 from .report import print_error
+
 
 def _set_global(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
     """Store a global option in the shared ctx.obj. Given before the command or after it, it counts:
@@ -51,9 +53,9 @@ class _Command(click.Command):
 
 
 class _Group(click.Group):
-    """A failed read or write that no command caught (stdout on a full disk, or closed by `| head`)
-    becomes a FlowError here, before click's own handler would make a closed stdout a silent exit 1.
-    Its commands are _Commands, its groups (`db`) _Groups."""
+    """An OSError that no command caught (a socket that broke: stdout's own failures are FlowErrors
+    already, see files.echo) becomes a FlowError here, before click's own handler would make any
+    EPIPE a silent exit 1. Its commands are _Commands, its groups (`db`) _Groups."""
 
     command_class = _Command
     group_class = type
@@ -62,9 +64,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except OSError as e:
-            from .files import os_error
-
-            raise os_error(e) from None
+            raise os_error(e) from e  # --debug shows the OSError's traceback
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
@@ -189,7 +189,8 @@ def _body_size(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
               help="Require this bearer key from clients (default: $FLOWRUNNER_API_KEY; none: open).")
 @click.option("--keepalive", type=click.FloatRange(min=0.1), default=15.0, show_default=True,
               help="Seconds of silence before a keep-alive comment on a stream.")
-@click.option("--max-body-size", default="4MiB", show_default=True, metavar="SIZE", callback=_body_size,
+@click.option("--max-body-size", default=format_size(DEFAULT_MAX_BODY), show_default=True, metavar="SIZE",
+              callback=_body_size,
               help="Largest request body accepted (bytes, or e.g. 512KiB, 16MiB); a larger one is a 413.")
 @_MESSAGE_INPUT
 @_CONNECTIONS
@@ -240,7 +241,7 @@ def schema() -> int:
     """Print the JSON Schema of flow files (also in schemas/flow.schema.json)."""
     from .flow.schema import schema_text
 
-    click.echo(schema_text(), nl=False)
+    echo(schema_text(), nl=False)
     return 0
 
 
@@ -259,9 +260,9 @@ def steps(type_name: str | None, markdown_dir: Path | None) -> int:
             (markdown_dir / f"{name}.md").write_text(markdown_step(name), encoding="utf-8")
         if not type_name:
             (markdown_dir / "README.md").write_text(markdown_index(), encoding="utf-8")
-        click.echo(f"wrote the step reference into {markdown_dir}")
+        echo(f"wrote the step reference into {markdown_dir}")
         return 0
-    click.echo(describe_step(type_name) if type_name else list_steps(), nl=False)
+    echo(describe_step(type_name) if type_name else list_steps(), nl=False)
     return 0
 
 
@@ -292,7 +293,7 @@ def db_status(data_dir: Path | None) -> int:
 
     directory = embedded_pg.data_dir(data_dir)
     pid = embedded_pg.status(directory)
-    click.echo(f"running (pid {pid}) in {directory}" if pid else f"not running ({directory})")
+    echo(f"running (pid {pid}) in {directory}" if pid else f"not running ({directory})")
     return 0
 
 
@@ -304,7 +305,7 @@ def db_stop(data_dir: Path | None) -> int:
 
     directory = embedded_pg.data_dir(data_dir)
     stopped = embedded_pg.stop(directory)
-    click.echo(f"stopped the embedded PostgreSQL in {directory}" if stopped else f"not running ({directory})")
+    echo(f"stopped the embedded PostgreSQL in {directory}" if stopped else f"not running ({directory})")
     return 0
 
 
@@ -324,9 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
         rc = EXIT_INTERRUPTED
-    except OSError as e:  # a failed write outside a sink (stdout full: 1; its reader gone, `| head`: 141, quietly)
-        from .files import os_error
-
+    except OSError as e:  # one no command made a FlowError (stdout's are, through files.echo and the sinks)
         error = os_error(e)
         print_error(error, debug)
         rc = error.exit_code

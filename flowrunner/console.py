@@ -30,9 +30,21 @@ def end_line(stream: TextIO) -> None:
 
 
 def end_answer_line() -> None:
-    """Called before writing to stderr: start on a line of its own when stdout shares its destination."""
-    if _open is not None and _same_destination(_open, sys.stderr):
-        end_line(_open)
+    """Called before writing to stderr: start on a line of its own when stdout shares its destination.
+    Never raises: it runs inside every log call (from any thread) and the error printer. When the two
+    are one closed pipe (`2>&1 | head`), the newline is lost quietly and not written through the sink's
+    guard, which would mark the sink failed; the sink's own next write reports the closed stdout."""
+    global _open
+    stream = _open
+    if stream is None or not _same_destination(stream, sys.stderr):
+        return
+    _open = None
+    raw = getattr(stream, "stream", stream)  # the stream behind a sink's guard (sinks.guard.Guarded)
+    try:
+        raw.write("\n")
+        raw.flush()
+    except (OSError, ValueError):  # ValueError: stdout is closed
+        pass
 
 
 def _same_destination(a: TextIO, b: TextIO) -> bool:

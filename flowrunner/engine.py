@@ -7,11 +7,17 @@
 A failed step does not raise out of `events()`: it ends as StepFinished(status="failed"); later
 steps are skipped unless they set run_on_failure, and the run ends failed (exit 1 in the CLI).
 
-Interrupted (Ctrl-C, SIGTERM: the task running the run is cancelled), the step that was running ends
-failed with what it had produced (the chat step's text so far), the steps that set run_on_failure
-still run, within STOP_GRACE seconds in all, so that the turn the user saw is saved; then RunFinished
-(status "interrupted", the outputs so far) is yielded and the cancellation goes on (CancelledError).
-A second interruption stops at once.
+Cancelled (the task running the run), the run is "interrupted". What happens next is the caller's
+choice, `grace_on_cancel`. On (`run` and `batch` on Ctrl-C / SIGTERM, `chat` on Ctrl-C: a person
+stopped it), the step that was running ends failed with what it had produced (the chat step's text so
+far), the steps that set run_on_failure still run, within STOP_GRACE seconds in all, so that the turn
+the user saw is saved; a second cancellation stops at once. Off (`serve`: its client left, or the
+server is shutting down; `batch --fail-fast` stopping the other items), the run stops at once. Either
+way RunFinished (status "interrupted", the outputs so far) is yielded, and the cancellation goes on
+(CancelledError), also to a consumer that stops iterating at RunFinished (it is raised when the
+generator is closed).
+
+Callers check the connections' environment once, with check_connections, before the first run.
 """
 
 from __future__ import annotations
@@ -40,10 +46,34 @@ log = structlog.get_logger("flowrunner")
 STOP_GRACE = 5.0  # seconds that run_on_failure steps get, all together, after an interruption
 
 
+class _Setup:
+    """What Step.connections_used reads of a run (a RunView's llm_mode and client_history), before any run."""
+
+    def __init__(self, llm_mode: Any, client_history: list[dict[str, Any]] | None) -> None:
+        self.llm_mode = llm_mode
+        self.client_history = client_history
+
+
+def check_connections(flow: Flow, connections: Connections, *, llm_mode: Any = None,
+                      client_history: list[dict[str, Any]] | None = None) -> list[str]:
+    """The connections the flow's steps open in this mode (a replay opens no model; `serve` and `chat`
+    with the client's history open no history store), checked for every unset ${env.X} at once, in
+    one error (FlowDefinitionError). Called once, before the first run (of `run`, of a `chat`
+    session, of a batch, of a server), so a run never stops over one after it has done some work; a
+    name from a ${...} reference is checked when used. Returns their names: batch and serve open them
+    before the first item or request."""
+    setup = _Setup(llm_mode, client_history)
+    used = list(dict.fromkeys(name for spec in flow.steps
+                              for name in STEP_TYPES[spec.type].connections_used(spec, setup)))
+    connections.check_env(used)
+    return used
+
+
 class Run:
     def __init__(self, flow: Flow, inputs: Mapping[str, Any], *, connections: Connections | None = None,
                  run_id: str | None = None, env: Mapping[str, str] | None = None, llm_mode: Any = None,
-                 client_history: list[dict[str, Any]] | None = None, turn_id: str | None = None) -> None:
+                 client_history: list[dict[str, Any]] | None = None, turn_id: str | None = None,
+                 grace_on_cancel: bool = True) -> None:
         self.flow = flow
         self.inputs = dict(inputs)
         self.run_id = run_id or uuid.uuid4().hex[:12]
@@ -53,6 +83,9 @@ class Run:
         self.turn_id = turn_id or self.run_id
         self.interrupted = False
         self.interruption: FlowError | None = None  # the error of the step that was interrupted
+        # Cancelled, do the run_on_failure steps still run (within stop_grace)? Read when the
+        # cancellation comes, so a caller may change it on the way (batch --fail-fast turns it off).
+        self.grace_on_cancel = grace_on_cancel
         self.stop_grace = STOP_GRACE
         self._grace_until: float | None = None  # the loop time at which run_on_failure steps are stopped
         self._own_connections = connections is None
@@ -69,18 +102,16 @@ class Run:
         # Each chat step's messages as last sent, by step id: `serve` counts their tokens itself when
         # the model's server reports no usage (llama.cpp, Ollama, most mocks).
         self.chat_messages: dict[str, list[dict[str, Any]]] = {}
-        # Every unset ${env.X} that the steps' connections need, now and in one error: a run never
-        # stops over one after it has done some work (a name from a reference is checked when used).
-        self.connections.check_env(name for spec in flow.steps
-                                   for name in STEP_TYPES[spec.type].connections_used(spec, self))
+        # Outputs that may read null although their step succeeded (refs.Scope.optional): built once,
+        # since scope() is called for every step.
+        self._optional = {spec.id: STEP_TYPES[spec.type].optional_outputs for spec in flow.steps}
 
     @property
     def error(self) -> FlowError | None:
         return self.errors[0] if self.errors else None
 
     def scope(self) -> refs.Scope:
-        optional = {spec.id: STEP_TYPES[spec.type].optional_outputs for spec in self.flow.steps}
-        return refs.Scope(self.inputs, self.variables, self.step_outputs, optional=optional)
+        return refs.Scope(self.inputs, self.variables, self.step_outputs, optional=self._optional)
 
     def _absent_warnings(self, scope: refs.Scope, where: str, step: str | None = None) -> list[Warning]:
         """One warning per reference that read null inside an optional output (refs.Scope.optional)."""
@@ -103,12 +134,18 @@ class Run:
                     async with aclosing(self._run_step(spec)) as step_events:
                         async for event in step_events:
                             yield event
-            except asyncio.CancelledError:  # interrupted again (or outside a step): no more steps
+            except asyncio.CancelledError:  # interrupted again, without grace, or outside a step: no more steps
                 self.interrupted = True
             if self.interrupted:
-                self.outputs = self._outputs_so_far()
+                self.outputs, _ = self._resolve_outputs(missing_is_null=True)
             elif not self.errors:
-                for warning in self._finish_outputs():
+                try:
+                    self.outputs, warnings = self._resolve_outputs(missing_is_null=False)
+                except refs.RefValueError as e:
+                    self.errors.append(FlowRuntimeError(Problem(f"flow outputs: {e}",
+                                                                self.flow.source.location(("outputs",)))))
+                    warnings = []
+                for warning in warnings:
                     yield warning
         finally:
             if self._own_connections:
@@ -117,25 +154,33 @@ class Run:
         duration = time.monotonic() - started
         log.info("run finished", status=self.status, duration=round(duration, 3))
         structlog.contextvars.unbind_contextvars("run_id", "step")
-        yield RunFinished(self.run_id, self.status, self.outputs,
-                          secrets.redact(str(self.error)) if self.error else None, duration)
-        if self.interrupted:  # the run's own clean-up is done: the cancellation goes on to its caller
-            raise asyncio.CancelledError
+        try:
+            yield RunFinished(self.run_id, self.status, self.outputs,
+                              secrets.redact(str(self.error)) if self.error else None, duration)
+        finally:
+            # The run's own clean-up is done: the cancellation goes on to its caller, also when the
+            # caller stopped at RunFinished (closing the generator raises it).
+            if self.interrupted:
+                raise asyncio.CancelledError  # noqa: B012 - on purpose: it replaces GeneratorExit
 
-    def _outputs_so_far(self) -> dict[str, Any]:
-        """An interrupted run's outputs: each one resolved from what the steps produced before the stop;
-        what no step produced reads null."""
+    def _resolve_outputs(self, *, missing_is_null: bool) -> tuple[dict[str, Any], list[Warning]]:
+        """The flow's outputs (its variables when it declares none), and a warning for each reference
+        that read null inside an optional output. missing_is_null (an interrupted run's outputs so
+        far): what no step produced reads null, and an output that still cannot be resolved is null;
+        else such a reference raises RefValueError."""
         if not self.flow.outputs:
-            return dict(self.variables)
+            return dict(self.variables), []
         scope = self.scope()
-        scope.missing_is_null = True
+        scope.missing_is_null = missing_is_null
         outputs: dict[str, Any] = {}
         for name, value in self.flow.outputs.items():
             try:
                 outputs[name] = refs.resolve(value, scope)
             except refs.RefValueError:
+                if not missing_is_null:
+                    raise
                 outputs[name] = None
-        return outputs
+        return outputs, self._absent_warnings(scope, "flow outputs") if not missing_is_null else []
 
     def _interrupt(self) -> None:
         """The first interruption: take back the cancellation for the run_on_failure steps' grace time
@@ -147,17 +192,6 @@ class Run:
         self._grace_until = asyncio.get_running_loop().time() + self.stop_grace
         if any(spec.run_on_failure for spec in self.flow.steps):
             log.info("interrupted: the run_on_failure steps still run", within=self.stop_grace)
-
-    def _finish_outputs(self) -> list[Warning]:
-        if not self.flow.outputs:
-            self.outputs = dict(self.variables)
-            return []
-        scope = self.scope()
-        try:
-            self.outputs = refs.resolve(dict(self.flow.outputs), scope)
-        except refs.RefValueError as e:
-            self.errors.append(FlowRuntimeError(Problem(f"flow outputs: {e}", self.flow.source.location(("outputs",)))))
-        return self._absent_warnings(scope, "flow outputs")
 
     async def _run_step(self, spec: StepSpec) -> AsyncIterator[Event]:
         cls = STEP_TYPES[spec.type]
@@ -204,7 +238,8 @@ class Run:
                         continue
                     raise
         except asyncio.CancelledError:
-            if self.interrupted:  # the second Ctrl-C (or SIGTERM): stop at once
+            if self.interrupted or not self.grace_on_cancel:  # the second Ctrl-C (or SIGTERM), or no grace: stop at once
+                self.interrupted = True
                 raise
             self._interrupt()
             if ctx is not None and ctx.partial is not None:  # e.g. the chat step's text so far
@@ -212,8 +247,9 @@ class Run:
             failure = self.interruption = FlowRuntimeError(Problem(f"{spec.label} was interrupted", spec.location))
         except FlowDefinitionError as e:  # e.g. a connection's env var is missing: still the user's setup
             failure = e
-            if self.step_outputs:  # ...but once a step has run, the run failed (exit 1, not 2)
-                failure = self._failure(spec, e.message, e.problems[0].hint, attempt)
+            if self.step_outputs:  # ...but once a step has run, the run failed (exit 1, not 2): every problem
+                failure = FlowRuntimeError([self._failure(spec, p.message, p.hint, attempt).problems[0]
+                                            for p in e.problems])
         except (StepFailed, TimeoutError) as e:
             failure = self._failure(spec, _message(e, timeout),
                                     e.problems[0].hint if isinstance(e, StepFailed) else None, attempt)

@@ -9,7 +9,12 @@ wrong, nothing ran.
 
 Writing: a sink, `--record` or `batch --output` that cannot write fails the run with exit 1 and
 names what it was writing (`write_error`). A closed stdout (`| head -c1`) is not an error worth a
-message: the command stops quietly with 141, as a program killed by SIGPIPE would (`stdout_closed`)."""
+message: the command stops quietly with 141, as a program killed by SIGPIPE would (`stdout_failed`).
+Only a write to stdout is told apart that way: a command prints through `echo`, the sinks and batch
+results call `stdout_failed` themselves; any other OSError (a database's socket that broke) is an
+error with its type and message (`os_error`).
+
+Sizes: the byte units and `format_size`, for every limit a message names (files, serve's bodies)."""
 
 from __future__ import annotations
 
@@ -21,9 +26,11 @@ from pathlib import Path
 
 from .errors import EXIT_BROKEN_PIPE, FlowDefinitionError, FlowError, FlowRuntimeError, Location, Problem
 
-MiB = 1024 * 1024
-FLOW_LIMIT = 10 * MiB  # flows, connections files and inputs files: far above any real one
-RECORDING_LIMIT = 128 * MiB  # --replay: recordings hold embedding vectors (~30 KB a call), and grow with the flow
+KIB, MIB, GIB = 1024, 1024**2, 1024**3
+FLOW_LIMIT = 10 * MIB  # flows, connections files and inputs files: far above any real one
+RECORDING_LIMIT = 128 * MIB  # --replay: recordings hold embedding vectors (~30 KB a call), and grow with the flow
+# serve --max-body-size; here (not in serve.limits) so that the CLI shows it without importing serve.
+DEFAULT_MAX_BODY = 4 * MIB
 _CHUNK = 1 << 16
 
 
@@ -54,7 +61,7 @@ def read_limited(path: str | Path, limit: int = FLOW_LIMIT, what: str = "", miss
                 return b"".join(chunks)
             chunks.append(chunk)
             size += len(chunk)
-        raise FlowDefinitionError.at(f"{head}the file is larger than {_size(limit)}", Location(name),
+        raise FlowDefinitionError.at(f"{head}the file is larger than {format_size(limit)}", Location(name),
                                      hint="is it the right file?" if stat.S_ISREG(mode)
                                      else "a device or a pipe is read up to this limit")
     except OSError as e:
@@ -111,19 +118,33 @@ def stdout_failed(e: OSError) -> FlowError:
     return write_error(e, "stdout")
 
 
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EPIPE, errno.EFBIG, errno.EIO}
+def echo(text: str = "", nl: bool = True) -> None:
+    """Print a command's outputs or report to stdout; a failed write is stdout's (`stdout_failed`).
+    Commands print through this, so that a broken pipe or a full disk elsewhere is never taken for
+    stdout's."""
+    import click
+
+    try:
+        click.echo(text, nl=nl)
+    except OSError as e:
+        raise stdout_failed(e) from None
 
 
 def os_error(e: OSError) -> FlowError:
-    """An OSError that reached the command line's error printer (outside a sink or a step): a file
-    named in the error; a write to stdout (printing the outputs or a report into a full disk: sinks,
-    --record and batch results report their own); else the system's message (exit 1)."""
+    """An OSError that reached the command line's error printer (no step, sink or `echo` made it an
+    error of its own): a file named in the error; else the system's message and the error's type
+    (a socket's EPIPE or EIO is not stdout's: stdout is left alone), exit 1."""
     if e.filename is not None:
         return FlowRuntimeError(Problem(f"{e.strerror or e}", Location(os.fsdecode(e.filename))))
-    if isinstance(e, BrokenPipeError) or e.errno in _WRITE_ERRNOS:
-        return stdout_failed(e)
-    return FlowRuntimeError(Problem(f"{e.strerror or e}"))
+    error = FlowRuntimeError(Problem(f"{type(e).__name__}: {e.strerror or e}",
+                                     hint="run with --debug for the traceback"))
+    error.__cause__ = e  # what --debug prints
+    return error
 
 
-def _size(n: int) -> str:
-    return f"{n // MiB} MiB" if n % MiB == 0 else f"{n:,} bytes"
+def format_size(size: int) -> str:
+    """`10 MiB`, `64 KiB`, `1,000,000 bytes`: the largest binary unit that divides `size`."""
+    for unit, name in ((GIB, "GiB"), (MIB, "MiB"), (KIB, "KiB")):
+        if size >= unit and size % unit == 0:
+            return f"{size // unit} {name}"
+    return f"{size:,} bytes"

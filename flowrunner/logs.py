@@ -41,10 +41,15 @@ class _StderrLogger:
         self._file = file
 
     def msg(self, message: str) -> None:
+        """Never raises: a log call (from a step, or a history worker thread) must not fail the run
+        because stderr is closed or full; the line is lost, as it would be anyway."""
         with self._lock:
             console.end_answer_line()
-            self._file.write(message + "\n")
-            self._file.flush()
+            try:
+                self._file.write(message + "\n")
+                self._file.flush()
+            except (OSError, ValueError):  # ValueError: stderr is closed
+                pass
 
     log = debug = info = warn = warning = err = error = critical = fatal = exception = msg
 

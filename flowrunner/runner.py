@@ -12,21 +12,12 @@ from typing import Any
 
 import click
 
-from .errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_TERMINATED, FlowDefinitionError, Location
+from .errors import EXIT_INTERRUPTED, EXIT_TERMINATED, FlowDefinitionError, Location
 from .events import Event
+from .files import echo
 from .refs import to_text
 from .report import print_error
 from .sinks import Sink, open_sink
-
-
-def _stdout_to_devnull() -> None:
-    """Point stdout at /dev/null, so flushing what is left at exit does not fail a second time."""
-    import os
-    import sys
-
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
 
 
 def parse_pairs(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -40,19 +31,20 @@ def parse_pairs(pairs: tuple[str, ...]) -> dict[str, str]:
 
 
 def load_inputs_file(path: Path) -> dict[str, Any]:
-    from .flow.load import parse_yaml, read_text
+    from .flow.load import IntegerTooLong, parse_yaml, read_int, read_text
 
     text = read_text(path, "--inputs-file")
     if path.suffix.lower() == ".json":  # JSON proper: YAML rejects some valid JSON (surrogate-pair escapes)
         import json
 
         try:
-            data = json.loads(text)
+            data = json.loads(text, parse_int=read_int)
         except json.JSONDecodeError as e:
             raise FlowDefinitionError.at(f"invalid JSON: {e.msg}", Location(str(path), e.lineno, e.colno)) from None
-        except (ValueError, RecursionError) as e:  # an integer of more than 4,300 digits; nesting too deep
-            what = "nested too deeply" if isinstance(e, RecursionError) else "an integer of more than 4300 digits"
-            raise FlowDefinitionError.at(f"invalid JSON: {what}", Location(str(path), 1, 1)) from None
+        except IntegerTooLong as e:
+            raise FlowDefinitionError.at(f"invalid JSON: {e}", Location(str(path), 1, 1)) from None
+        except RecursionError:
+            raise FlowDefinitionError.at("invalid JSON: nested too deeply", Location(str(path), 1, 1)) from None
     else:
         data, _ = parse_yaml(text, str(path))
     if not isinstance(data, dict):
@@ -74,7 +66,7 @@ def llm_mode(dry_run: bool, record: Path | None, replay: Path | None) -> Any:
 def run_once(flow_path: Path, pairs: tuple[str, ...], inputs_file: Path | None, connections_file: Path | None,
              sink_spec: str | None, output_format: str, obj: dict[str, Any], mode: Any = None) -> int:
     from . import logs
-    from .engine import Run
+    from .engine import Run, check_connections
     from .flow.build import load_flow_with
     from .flow.inputs import resolve_inputs
 
@@ -83,7 +75,9 @@ def run_once(flow_path: Path, pairs: tuple[str, ...], inputs_file: Path | None, 
     text_pairs = parse_pairs(pairs)
     given.update(text_pairs)
     inputs = resolve_inputs(flow, given, from_text=frozenset(text_pairs))
-    run = Run(flow, inputs, llm_mode=mode)  # resolves the connections' ${env.X}: may fail, before any file is opened
+    # Ctrl-C / SIGTERM: the run_on_failure steps still save the turn the user saw (engine.STOP_GRACE).
+    run = Run(flow, inputs, llm_mode=mode, grace_on_cancel=True)
+    check_connections(flow, run.connections, llm_mode=mode)  # every unset ${env.X}: exit 2, before any file is opened
     if output_format == "json" and sink_spec is None:
         sink_spec = "none"
     sink = open_sink(sink_spec or "stdout")
@@ -98,9 +92,6 @@ def run_once(flow_path: Path, pairs: tuple[str, ...], inputs_file: Path | None, 
         stopped_by = asyncio.run(_drive(run, sink))
     except KeyboardInterrupt:
         stopped_by = EXIT_INTERRUPTED
-    except BrokenPipeError:  # e.g. `flowrunner run ... | head -c 100`: the reader left; so do we, quietly
-        _stdout_to_devnull()
-        return EXIT_BROKEN_PIPE
     finally:
         sink.close(interrupted=stopped_by is not None)
         if hasattr(mode, "close"):
@@ -156,12 +147,12 @@ async def _drive(run: Any, sink: Sink) -> int | None:
 
 def _print_outputs(outputs: dict[str, Any], sink: Sink, output_format: str) -> None:
     if output_format == "json":
-        click.echo(json.dumps(outputs, ensure_ascii=False, indent=2, default=str))
+        echo(json.dumps(outputs, ensure_ascii=False, indent=2, default=str))
         return
     if sink.stdout_taken:
         return  # the answer already streamed to stdout, or stdout carries JSON events
     if len(outputs) == 1:
-        click.echo(to_text(next(iter(outputs.values()))))
+        echo(to_text(next(iter(outputs.values()))))
     else:
         for name, value in outputs.items():
-            click.echo(f"{name}: {to_text(value)}")
+            echo(f"{name}: {to_text(value)}")

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import click
 
+from . import secrets
 from .errors import FlowDefinitionError, FlowError, Location, Problem
+from .files import echo
 
 FLOW_SUFFIXES = (".yaml", ".yml")
 
@@ -44,21 +46,22 @@ def validate_paths(paths: tuple[Path, ...], fmt: str, connections_file: Path | N
         except FlowError as e:
             results.append((file, e.problems))
         except Exception as e:  # a bug in a check: say so for this file, and still check the others
-            results.append((file, (Problem(f"internal error while checking this file: {type(e).__name__}: {str(e)[:200]}",
+            what = f"{type(e).__name__}: {secrets.shorten(str(e), 200)}"  # masked, then cut
+            results.append((file, (Problem(f"internal error while checking this file: {what}",
                                            Location(str(file), 1, 1),
                                            hint="please report it (flowrunner --debug validate FILE shows where)"),)))
             if _debug():
                 raise
     bad = [r for r in results if r[1]]
     if fmt == "json":
-        click.echo(json.dumps({
+        echo(json.dumps({
             "valid": not bad,
             "files": [{"file": str(f), "valid": not ps, "problems": [p.as_dict() for p in ps]} for f, ps in results],
         }, indent=2))
     else:
         for file, problems in results:
             for p in problems:
-                click.echo(_github(p, file) if fmt == "github" else "Error: " + p.format())
+                echo(_github(p, file) if fmt == "github" else "Error: " + p.format())
         count = sum(len(ps) for _, ps in bad)
         summary = (f"{len(results)} file(s) valid" if not bad else
                    f"{len(bad)} of {len(results)} file(s) invalid, {count} problem(s)")

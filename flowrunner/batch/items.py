@@ -18,6 +18,7 @@ from typing import Any, TextIO
 
 from ..errors import FlowDefinitionError, Location, Problem
 from ..flow.inputs import resolve_inputs
+from ..flow.load import IntegerTooLong, read_int
 from ..flow.model import Flow
 
 # A CSV cell may hold a whole document: the csv module's default limit (128 KiB) would end the batch at
@@ -98,13 +99,9 @@ class ItemReader:
                  f"-i {name}=VALUE gives every item the same value") for name in unfed])
 
     def count(self) -> int:
-        """How many items the file holds (a quick pass, for the progress bar)."""
+        """How many items the file holds (for the progress bar), as check() counted them."""
         if self._count is None:
-            with self._open() as f:
-                if self.format == "csv":
-                    self._count = sum(1 for _ in _rows(self._csv_reader(f)))
-                else:
-                    self._count = sum(1 for line in f if line.strip())
+            raise RuntimeError("ItemReader.count() before check(): check() is what counts the items")
         return self._count
 
     def __iter__(self) -> Iterator[Item]:
@@ -131,7 +128,7 @@ class ItemReader:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line, parse_int=read_int)
             except json.JSONDecodeError as e:
                 yield self._bad(index, number, e.colno, f"invalid JSON: {e.msg}")
             except _UNREADABLE as e:
@@ -217,7 +214,7 @@ def _jsonl_keys(f: TextIO) -> tuple[list[str], int]:
             continue
         count += 1
         try:
-            row = json.loads(line)
+            row = json.loads(line, parse_int=read_int)
         except _UNREADABLE:  # that item fails on its own when it runs
             continue
         if isinstance(row, dict):
@@ -228,6 +225,6 @@ def _jsonl_keys(f: TextIO) -> tuple[list[str], int]:
 def _unreadable(e: BaseException) -> str:
     if isinstance(e, RecursionError):
         return "a value nested too deeply to read"
-    if "digits" in str(e):  # ValueError: Exceeds the limit (4300 digits) for integer string conversion
-        return "a number too long to read (more than 4300 digits)"
+    if isinstance(e, IntegerTooLong):
+        return f"a number too long to read ({e})"
     return f"a value that cannot be read: {str(e)[:120]}"

@@ -34,20 +34,24 @@ class Batch:
     limiter: Any = None  # llm.limits.RateLimiter
     fail_fast: bool = False
     _batch_key: str | None = field(default=None, init=False, repr=False)
+    _in_flight: set[Any] = field(default_factory=set, init=False, repr=False)  # the items' engine.Run objects
 
     async def run(self) -> None:
         """Runs every item not done yet. Cancelled (Ctrl-C, SIGTERM) or stopped by --fail-fast, the
         items in flight are not recorded: --resume runs them again."""
         from ..connections.pool import Connections
+        from ..engine import check_connections
         from ..llm.limits import LIMITER
 
         LIMITER.set(self.limiter)  # this task's context: every worker and model request inherits it
         items = iter(self.reader)
         try:
             async with Connections(self.flow) as conns, asyncio.TaskGroup() as group:
-                conns.check_env(self.flow.connections)  # every unset ${env.X} at once, in one error
-                for name in self.flow.connections:  # opened once, before any item: a wrong setting stops
-                    await conns.get(name)          # the batch here, and no item pays for the set-up
+                # Every unset ${env.X} of the connections the steps use, at once and once per batch;
+                # each is opened before any item: a wrong setting stops the batch here, and no item
+                # pays for the set-up.
+                for name in check_connections(self.flow, conns):
+                    await conns.get(name)
                 for _ in range(self.concurrency):
                     group.create_task(self._worker(items, conns))
         except* _FailFast:
@@ -68,6 +72,8 @@ class Batch:
             self.tally.add(record)
             self.reporter.item(record)
             if self.fail_fast and record["status"] != "ok":
+                for run in self._in_flight:  # the other items stop at once: no run_on_failure grace
+                    run.grace_on_cancel = False
                 raise _FailFast
 
     async def _run_item(self, item: Item, conns: Any) -> dict[str, Any]:
@@ -79,14 +85,19 @@ class Batch:
         if item.error:
             return record
         started = time.monotonic()
-        run = Run(self.flow, item.inputs, connections=conns, turn_id=self._turn_id(item))
+        # Ctrl-C / SIGTERM: each item in flight still runs its run_on_failure steps (--fail-fast: not).
+        run = Run(self.flow, item.inputs, connections=conns, turn_id=self._turn_id(item), grace_on_cancel=True)
         usage: dict[str, int] = {}
-        async with aclosing(run.events()) as events:
-            async for event in events:
-                if type(event) is Usage:
-                    add_usage(usage, event.usage)
-                    if self.limiter is not None:
-                        self.limiter.charge(event.usage.get("total_tokens", 0))
+        self._in_flight.add(run)
+        try:
+            async with aclosing(run.events()) as events:
+                async for event in events:
+                    if type(event) is Usage:
+                        add_usage(usage, event.usage)
+                        if self.limiter is not None:
+                            self.limiter.charge(event.usage.get("total_tokens", 0))
+        finally:
+            self._in_flight.discard(run)
         setup = next((e for e in run.errors if isinstance(e, FlowDefinitionError)), None)
         if setup is not None:  # e.g. a connection's env var is not set: every item would fail the same way
             raise setup

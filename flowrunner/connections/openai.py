@@ -7,13 +7,11 @@ client, with the URL and headers the SDK would send (`LLMClient.chat_url`, `head
 
 from __future__ import annotations
 
-import os
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
-from .. import secrets
 from ..errors import FlowDefinitionError
 from .pool import ResolvedConnection
 
@@ -79,11 +77,7 @@ async def open_openai(conn: ResolvedConnection, stack: AsyncExitStack) -> LLMCli
 
     idle, retries, timeout = _common(conn)
     base_url = conn.config.get("base_url") or None
-    api_key = conn.config.get("api_key")
-    if not api_key and "api_key" not in conn.missing_env and "api_key" not in conn.config:
-        api_key = os.environ.get("OPENAI_API_KEY")  # like the SDK, when the flow names no key at all
-        secrets.register(api_key)
-        api_key = api_key.strip() if api_key else api_key  # a trailing newline is no part of a key
+    api_key = conn.config.get("api_key")  # OPENAI_API_KEY when the flow names no key (registry.env_defaults)
     if not api_key:
         if base_url is None:
             conn.require("api_key", "an API key")  # raises, naming the env var that is not set

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import FlowDefinitionError, Problem, did_you_mean
 from ..refs import kind_of
-from .load import MAX_DEPTH, MAX_INT_DIGITS
+from .load import MAX_DEPTH, MAX_INT_DIGITS, IntegerTooLong, read_int
 from .model import Flow, InputSpec
 
 _TRUE = {"true", "yes", "y", "1", "on"}
@@ -99,10 +99,10 @@ def _parse_text(t: str, text: str) -> Any:
             return False
         raise InputError(f"expected true or false, got {text[:60]!r}")
     try:
-        return json.loads(text)
+        return json.loads(text, parse_int=read_int)
     except json.JSONDecodeError as e:
         raise InputError(f"expected JSON for an {t} ({e.msg})") from None
-    except ValueError:  # an integer of more digits than Python reads
+    except IntegerTooLong:
         raise InputError(f"expected JSON for an {t} (an integer has more than {MAX_INT_DIGITS} digits)") from None
     except RecursionError:
         raise InputError(f"the value is nested more than {MAX_DEPTH} levels deep") from None

@@ -26,10 +26,25 @@ except ImportError:  # pragma: no cover
 PathKey = tuple[str | int, ...]
 _BREAK = re.compile("\r\n|[\r\n\x85\u2028\u2029]")  # the line breaks YAML counts
 MAX_NODES = 100_000  # more nodes than any real flow; alias bombs go far past it
-# Deeper than any real flow, and shallow enough that every recursive walk of the data (references,
-# the schema, JSON) stays far from Python's recursion limit.
+# The limits of every value a user gives (flows, inputs, inputs files, batch items); serve has its
+# own for request bodies (serve/openai_api.py says why). Deeper than any real flow, and shallow
+# enough that every recursive walk of the data (references, the schema, JSON) stays far from
+# Python's recursion limit.
 MAX_DEPTH = 100
 MAX_INT_DIGITS = 4300  # Python refuses to read longer decimal integers (sys.get_int_max_str_digits)
+
+
+class IntegerTooLong(ValueError):
+    """A JSON integer of more than MAX_INT_DIGITS digits (json.loads(..., parse_int=read_int))."""
+
+
+def read_int(text: str) -> int:
+    """json.loads' parse_int: a longer integer than MAX_INT_DIGITS is IntegerTooLong, an error of its
+    own type, instead of the ValueError int() raises for it (which json.loads raises for much else)."""
+    if len(text) - text.startswith("-") > MAX_INT_DIGITS:
+        raise IntegerTooLong(f"an integer of more than {MAX_INT_DIGITS} digits")
+    return int(text)
+
 
 _STR = "tag:yaml.org,2002:str"
 _ALLOWED_TAGS = {

@@ -11,8 +11,7 @@ from typing import Any
 from ..connections.registry import CONNECTION_TYPES
 from ..errors import Problem, did_you_mean
 from ..refs import kind_of
-from ..steps import STEP_TYPES
-from ..steps import generation as steps_generation
+from ..steps import STEP_TYPES, generation as steps_generation
 from .compiled import CompiledSchema
 from .dialect import ecma_regex, validator_class
 from .load import PathKey, SourceMap, format_path
@@ -151,11 +150,21 @@ def schema_problems(data: Any, smap: SourceMap) -> list[Problem]:
 
 
 def _runtime_validator(step_type: str, prop: str) -> Any:
-    return _runtime_validator_for(step_type, prop, steps_generation())
+    validators = _runtime_validators_for(steps_generation())
+    key = (step_type, prop)
+    if key not in validators:
+        validators[key] = _runtime_validator_for(step_type, prop)
+    return validators[key]
 
 
-@lru_cache(maxsize=None)
-def _runtime_validator_for(step_type: str, prop: str, _generation: int) -> Any:
+# The current generation's validators only: a new generation (a plugin registered a step type) drops
+# the old ones, and within one, every (step type, property) a flow uses stays built (no eviction).
+@lru_cache(maxsize=1)
+def _runtime_validators_for(_generation: int) -> dict[tuple[str, str], Any]:
+    return {}
+
+
+def _runtime_validator_for(step_type: str, prop: str) -> Any:
     """One property's schema, without the reference branch and shallow (no per-item checks, so a
     384-float vector costs microseconds): for values that arrive through a ${...} reference."""
     full = build_schema()

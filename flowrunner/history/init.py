@@ -6,9 +6,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import click
-
 from ..errors import FlowDefinitionError, FlowRuntimeError, Problem
+from ..files import echo
 from .sql import DEFAULT_TABLE
 
 
@@ -44,5 +43,5 @@ def init_tables(flow_path: Path, connections_file: Path | None) -> int:
         return done
 
     for line in asyncio.run(go()):
-        click.echo(line)
+        echo(line)
     return 0

@@ -19,7 +19,7 @@ import ssl
 import time
 from typing import Any
 
-from .errors import connection_error, retry_headers, status_error, timeout_error
+from .errors import connection_error, status_error, timeout_error
 
 MAX_RETRY_AFTER = 120.0
 INITIAL_RETRY_DELAY = 0.5
@@ -52,9 +52,8 @@ async def open_chat_stream(llm: Any, body: dict[str, Any]) -> Any:
             if response.status_code < 300:
                 return response
             if retries >= llm.max_retries or not _should_retry(response.headers, response.status_code):
-                error = status_error(response.status_code, await _error_body(response), llm, retries)
-                error.headers = retry_headers(response.headers)
-                raise error
+                raise status_error(response.status_code, await _error_body(response), llm, retries,
+                                   headers=response.headers)
             await response.aclose()
             await asyncio.sleep(_delay(response.headers, retries))
             retries += 1

@@ -33,9 +33,19 @@ def connection_error(cause: BaseException, llm: Any) -> StreamError:
                        "check base_url / endpoint, and that the server is running", retryable=True)
 
 
-def status_error(status: int, body: Any, llm: Any, retried: int | None = None) -> StreamError:
+RETRY_AFTER_HEADERS = ("retry-after", "retry-after-ms")  # what a rate-limited server says; serve passes them on
+
+
+def status_error(status: int, body: Any, llm: Any, retried: int | None = None, *,
+                 headers: Any = None) -> StreamError:
     """A non-2xx answer, after `retried` retries (None: the SDK's, max_retries): `body` is its parsed
-    JSON, or its text."""
+    JSON, or its text; `headers` its headers, whose Retry-After the error keeps (for serve's client)."""
+    error = _status_error(status, body, llm, retried)
+    error.headers = retry_headers(headers) if headers is not None else None
+    return error
+
+
+def _status_error(status: int, body: Any, llm: Any, retried: int | None) -> StreamError:
     text = _server_message(body, status)
     retried = llm.max_retries if retried is None else retried
     retries = f" after {retried} {'retry' if retried == 1 else 'retries'}" if retried else ""
@@ -57,7 +67,7 @@ def status_error(status: int, body: Any, llm: Any, retried: int | None = None) -
 
 def retry_headers(headers: Any) -> dict[str, str] | None:
     """The server's Retry-After and retry-after-ms, for `serve` to pass on to its own client."""
-    found = {name: headers[name] for name in ("retry-after", "retry-after-ms") if headers.get(name)}
+    found = {name: headers[name] for name in RETRY_AFTER_HEADERS if headers.get(name)}
     return found or None
 
 
@@ -70,7 +80,5 @@ def api_error(e: Any, llm: Any) -> StreamError:
     if isinstance(e, openai.APIConnectionError):
         return connection_error(e.__cause__ or e, llm)
     if isinstance(e, openai.APIStatusError):
-        error = status_error(e.status_code, e.body, llm)
-        error.headers = retry_headers(e.response.headers)
-        return error
+        return status_error(e.status_code, e.body, llm, headers=e.response.headers)
     return StreamError(f"{type(e).__name__}: {getattr(e, 'message', e)}")

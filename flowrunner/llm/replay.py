@@ -27,6 +27,14 @@ REQUEST_KEYS = ("model", "messages", "temperature", "max_completion_tokens", "to
 PAYLOAD = {"embedding": "vectors", "history": "messages"}  # what each kind of record plays back (chat: chunks)
 
 
+def _well_formed(record: Any) -> bool:
+    """A line as --record writes it: a request, and the list that its kind (a text; none: chat) plays back."""
+    if not isinstance(record, dict) or not isinstance(record.get("request"), dict):
+        return False
+    kind = record.get("kind", "chat")
+    return isinstance(kind, str) and isinstance(record.get(PAYLOAD.get(kind, "chunks")), list)
+
+
 def comparable(request: dict[str, Any]) -> dict[str, Any]:
     return {k: request[k] for k in REQUEST_KEYS if request.get(k) is not None}
 
@@ -38,11 +46,32 @@ def masked(value: Any) -> Any:
     return json.loads(redact(json.dumps(value, ensure_ascii=False)))
 
 
+# What each mode does, by name (steps ask these, never `kind`, which is for messages). The run's
+# llm_mode is None when live: the functions below answer for None too.
+#   calls_model  a chat step calls the model (live, --record); history_save writes only then
+#   replays      recorded results stand in for model calls, embedding calls and history loads
+#   records      every model call, embedding call and history load is written to the recording
+
+
+def calls_model(mode: Any) -> bool:
+    return mode is None or mode.calls_model
+
+
+def replays(mode: Any) -> bool:
+    return mode is not None and mode.replays
+
+
+def records(mode: Any) -> bool:
+    return mode is not None and mode.records
+
+
 class DryRun:
     """`--dry-run`: no model call; each chat step prints the request it would send."""
 
     kind = "dry-run"
     calls_model = False
+    replays = False
+    records = False
 
 
 class Recorder:
@@ -50,6 +79,8 @@ class Recorder:
 
     kind = "record"
     calls_model = True
+    replays = False
+    records = True
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -76,7 +107,7 @@ class Recorder:
         from ..secrets import redact
 
         from ..errors import FlowRuntimeError
-        from ..sinks import guarded
+        from ..sinks.guard import guarded
 
         if self._file is None:
             try:
@@ -99,6 +130,8 @@ class Recorder:
 class Replayer:
     kind = "replay"
     calls_model = False
+    replays = True
+    records = False
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -116,13 +149,19 @@ class Replayer:
                 continue
             try:
                 record = json.loads(line)
-                ok = isinstance(record, dict) and isinstance(record.get("request"), dict) and isinstance(
-                    record.get(PAYLOAD.get(record.get("kind"), "chunks")), list)
-            except json.JSONDecodeError:
-                ok = False
-            if not ok:
-                raise FlowDefinitionError.at("--replay: not a recording made with --record", Location(str(path), n, 1),
-                                             hint="each line is {\"step\", \"request\", \"chunks\"}")
+                why = "" if _well_formed(record) else " (not a recorded call)"  # e.g. a `kind` that is a list
+            except json.JSONDecodeError as e:
+                why = f" (invalid JSON: {e.msg})"
+            except RecursionError:  # a hand-made or hostile file: an error at its line, never "internal error"
+                why = " (a value nested too deeply to read)"
+            except ValueError:  # int(): more than 4300 digits
+                why = " (a number too long to read)"
+            if why:
+                raise FlowDefinitionError.at(f"--replay: not a recording made with --record{why}",
+                                             Location(str(path), n, 1),
+                                             hint="each line is {\"step\", \"request\", \"chunks\"} (a chat call), "
+                                                  "or has \"kind\": \"embedding\" or \"history\"; record again "
+                                                  "with --record FILE")
             self._records.append(record)
         self._used: set[int] = set()
 

@@ -30,8 +30,10 @@ from .. import secrets
 from ..conversation import ChatInputs
 from ..engine import Run
 from ..errors import FlowDefinitionError, FlowError
+from ..files import DEFAULT_MAX_BODY
+from ..llm.errors import RETRY_AFTER_HEADERS
 from .answer import END, Answer
-from .limits import DEFAULT_MAX_BODY, read_body
+from .limits import read_body
 from .openai_api import DONE, KEEPALIVE, BadRequest, Shapes, error_body, parse_request, read_json
 
 log = structlog.get_logger("flowrunner.serve")
@@ -87,7 +89,11 @@ def create_app(served: Served) -> Starlette:
                                                       earlier=req.earlier, extra=req.inputs)
         except FlowDefinitionError as e:
             raise BadRequest("; ".join(p.message for p in e.problems), "inputs") from None
-        run = Run(served.chat.flow, inputs, connections=served.connections, client_history=client_history)
+        # Cancelled (the client left, or the server is shutting down), the run stops at once: no one reads
+        # the rest of the answer, and a client told to send the request again must not find the turn
+        # saved half (a conversation it names); with the client's own history nothing is saved anyway.
+        run = Run(served.chat.flow, inputs, connections=served.connections, client_history=client_history,
+                  grace_on_cancel=False)
         shapes = Shapes(served.name)
         answer = Answer(run).start()
         served.active.add(answer)
@@ -310,7 +316,7 @@ def _retry_after(error: FlowError) -> dict[str, str] | None:
     given = getattr(error, "http_headers", None)
     if getattr(error, "http_status", None) != 429 or not given:
         return None
-    out = {k: v for k, v in given.items() if k in ("retry-after", "retry-after-ms") and _HEADER_VALUE.fullmatch(v)}
+    out = {k: v for k, v in given.items() if k in RETRY_AFTER_HEADERS and _HEADER_VALUE.fullmatch(v)}
     if "retry-after" not in out and "retry-after-ms" in out:
         try:
             out["retry-after"] = str(max(0, math.ceil(float(out["retry-after-ms"]) / 1000)))

@@ -12,10 +12,11 @@ from typing import Any
 import click
 
 from ..errors import FlowDefinitionError
+from ..files import DEFAULT_MAX_BODY
 
 
 def serve(flow_path: Path, host: str, port: int, connections_file: Path | None, message_input: str | None,
-          api_key: str | None, keepalive: float, obj: dict[str, Any], *, max_body_size: int | None = None) -> int:
+          api_key: str | None, keepalive: float, obj: dict[str, Any], *, max_body_size: int = DEFAULT_MAX_BODY) -> int:
     from .. import logs
     from ..conversation import ChatInputs
     from ..flow.build import load_flow_with
@@ -36,20 +37,21 @@ def serve(flow_path: Path, host: str, port: int, connections_file: Path | None, 
 
 
 async def _serve(chat: Any, sock: socket.socket, api_key: str | None, keepalive: float,
-                 max_body_size: int | None) -> None:
+                 max_body_size: int) -> None:
     import uvicorn
 
     from ..connections.pool import Connections
+    from ..engine import check_connections
     from .app import Served, create_app
     from .server import Server
 
     async with Connections(chat.flow) as connections:
-        connections.check_env(chat.flow.connections)  # every unset ${env.X} at once, in one error
-        for name in chat.flow.connections:  # open them now: a wrong setting fails here, not per request
+        # Every unset ${env.X} of the connections the steps use, at once, checked once (a request may
+        # name a conversation: the history store counts); each is opened now: a wrong setting fails
+        # here, not per request.
+        for name in check_connections(chat.flow, connections):
             await connections.get(name)
-        served = Served(chat, connections, api_key, keepalive)
-        if max_body_size is not None:
-            served.max_body_size = max_body_size
+        served = Served(chat, connections, api_key, keepalive, max_body_size)
         app = create_app(served)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=5, ws="none")

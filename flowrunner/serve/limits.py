@@ -1,8 +1,8 @@
 """The request body limit of `serve` (--max-body-size): checked against Content-Length before
 reading, and while reading, so a chunked body that never ends is cut off too.
 
-The default, 4 MiB, holds about eight times the text of a full 128k-token context (some 512 KB),
-while a few hundred concurrent requests still cannot exhaust the memory.
+The default (files.DEFAULT_MAX_BODY), 4 MiB, holds about eight times the text of a full 128k-token
+context (some 512 KB), while a few hundred concurrent requests still cannot exhaust the memory.
 """
 
 from __future__ import annotations
@@ -10,10 +10,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from ..files import GIB, KIB, MIB, format_size
 from .openai_api import BadRequest
-
-KIB, MIB, GIB = 1024, 1024**2, 1024**3
-DEFAULT_MAX_BODY = 4 * MIB
 _SIZE = re.compile(r"\s*(\d{1,15})\s*(b|k|kb|kib|m|mb|mib|g|gb|gib)?\s*", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": KIB, "kib": KIB, "kb": 1000, "m": MIB, "mib": MIB, "mb": 1000**2,
           "g": GIB, "gib": GIB, "gb": 1000**3}
@@ -28,13 +26,6 @@ def parse_size(text: str) -> int:
     if size < KIB:
         raise ValueError(f"{text!r} is too small: a chat request needs at least 1 KiB")
     return size
-
-
-def format_size(size: int) -> str:
-    for unit, name in ((GIB, "GiB"), (MIB, "MiB"), (KIB, "KiB")):
-        if size >= unit and size % unit == 0:
-            return f"{size // unit} {name}"
-    return f"{size} bytes"
 
 
 def _too_large(limit: int) -> BadRequest:

@@ -38,6 +38,10 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | i
 # deep nesting is a RecursionError, an integer of more than 4300 digits a ValueError, a 400-digit
 # one an OverflowError as a `number` input, and a lone surrogate (`"\ud800"`, valid JSON but not
 # Unicode) a UnicodeEncodeError wherever the text is written out again.
+# These differ from flow.load's MAX_DEPTH and MAX_INT_DIGITS on purpose: they bound the whole body a
+# client sends (its envelope adds levels around any value), not one value of a flow, and a number to
+# what a JSON client can mean by it. A flow input inside the body is still held to flow.load's limits
+# when it is resolved (a 400 naming the input).
 MAX_DEPTH = 128  # levels of nested arrays and objects (serde_json's default)
 MAX_DIGITS = 300  # digits of a number: beyond what a double holds (about 1.8e308), nothing is exact
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")

@@ -17,12 +17,13 @@ log = structlog.get_logger("flowrunner.serve")
 
 REPLY_PRIMING = 3
 MODEL, LOCAL, MIXED = "model", "counted locally", "model, and counted locally"
-_warned: list[bool] = []  # the first local count is logged once, as a warning
+_warned = False  # the first local count is logged once, as a warning
 
 
 def count_locally(calls: Sequence[tuple[Sequence[dict[str, Any]], str]]) -> dict[str, int] | None:
     """{prompt_tokens, completion_tokens, total_tokens} of the chat calls (messages sent, text
     received); None when the tokenizer cannot be loaded. CPU work: run it in a thread."""
+    global _warned
     from ..history import budget
 
     try:
@@ -32,7 +33,7 @@ def count_locally(calls: Sequence[tuple[Sequence[dict[str, Any]], str]]) -> dict
         log.warning("cannot count tokens locally", error=str(e))
         return None
     if not _warned:
-        _warned.append(True)
+        _warned = True
         log.warning("the model's server sent no usage: serve counts tokens locally (cl100k_base), "
                     "an estimate; its request lines say usage='counted locally'")
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

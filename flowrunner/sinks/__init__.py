@@ -7,7 +7,6 @@ from typing import Protocol
 
 from ..errors import FlowDefinitionError
 from ..events import Event
-from .guard import Guarded, guarded  # noqa: F401 - what sinks and --record write through
 
 
 class Sink(Protocol):

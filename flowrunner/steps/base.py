@@ -60,8 +60,9 @@ class Step(ABC):
 
     @classmethod
     def connections_used(cls, spec: StepSpec, run: Any) -> list[str]:
-        """The connections, named in the flow, that this step opens in `run` (a RunView): the engine
-        checks their environment variables before the first step. Override when a mode (a replay,
+        """The connections, named in the flow, that this step opens in `run` (a RunView, or what
+        engine.check_connections passes: its llm_mode and client_history): their environment
+        variables are checked once, before the first run. Override when a mode (a replay,
         `serve`'s client history) opens fewer; a name from a ${...} reference is checked when used."""
         name = spec.props.get("connection")
         return [name] if cls.connection_types and isinstance(name, str) else []

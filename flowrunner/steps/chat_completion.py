@@ -8,6 +8,7 @@ from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import Problem, StepFailed
+from ..llm.replay import calls_model, replays
 from ..refs import to_text
 from .base import Outputs, Step, ref_or
 
@@ -73,8 +74,7 @@ class ChatCompletionStep(Step):
 
     @classmethod
     def connections_used(cls, spec: StepSpec, run: Any) -> list[str]:
-        offline = run.llm_mode is not None and run.llm_mode.kind in ("dry-run", "replay")
-        return [] if offline else super().connections_used(spec, run)
+        return super().connections_used(spec, run) if calls_model(run.llm_mode) else []  # dry run, replay: offline
 
     @classmethod
     def check(cls, spec: StepSpec, flow: Any) -> list[Problem]:
@@ -130,7 +130,7 @@ class ChatCompletionStep(Step):
             raise StepFailed("--record and --replay work with streaming chat steps (stream: true)")
         ctx.run.chat_messages[ctx.step_id] = messages  # `serve` counts them when the server sends no usage
         try:
-            if kind == "replay":
+            if replays(mode):
                 from ..llm.stream import replay_stream
 
                 chunks = mode.take(ctx.step_id, request)

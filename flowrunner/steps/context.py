@@ -23,6 +23,8 @@ class RunView(Protocol):
     errors: list[FlowError]
     llm_mode: Any  # None (live), or a flowrunner.llm.replay DryRun / Recorder / Replayer
     client_history: list[dict[str, Any]] | None
+    chat_messages: dict[str, list[dict[str, Any]]]  # written by chat steps: each one's messages as last sent
+    interrupted: bool  # the run was cancelled: a run_on_failure step runs within the grace time
 
 
 class StepContext:

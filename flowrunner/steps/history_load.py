@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..history import access
+from ..llm.replay import records, replays
 from .base import Outputs, Step, ref_or
 
 if TYPE_CHECKING:
@@ -46,14 +47,14 @@ class HistoryLoadStep(Step):
     @classmethod
     def connections_used(cls, spec: StepSpec, run: Any) -> list[str]:
         # `serve` passes the client's messages; a replay may serve the recorded history: no store then
-        reads = run.client_history is None and (run.llm_mode is None or run.llm_mode.kind != "replay")
+        reads = run.client_history is None and not replays(run.llm_mode)
         return super().connections_used(spec, run) if reads else []
 
     async def run(self, ctx: StepContext) -> AsyncIterator[Event | Outputs]:
         p = ctx.props
         limit = int(p.get("max_messages", 20))
         mode = ctx.run.llm_mode  # --replay serves what the recorded run loaded, so it repeats that run
-        if mode is not None and mode.kind == "replay" and (recorded := mode.take_history(ctx.step_id)) is not None:
+        if replays(mode) and (recorded := mode.take_history(ctx.step_id)) is not None:
             yield Outputs(recorded)
             return
         if ctx.run.client_history is not None:  # `serve`: the messages the client sent (see Run)
@@ -73,7 +74,7 @@ class HistoryLoadStep(Step):
             kept, outputs["tokens"] = await asyncio.to_thread(trim, messages, int(p["max_tokens"]))
             outputs["dropped"] = len(messages) - len(kept)
             messages = kept
-        if mode is not None and mode.kind == "record":
+        if records(mode):
             mode.save_history(ctx.step_id, {"conversation_id": p["conversation_id"], "max_messages": limit,
                                             "max_tokens": p.get("max_tokens")}, {"messages": messages, **outputs})
         yield Outputs({"messages": messages, "count": len(messages), **outputs})

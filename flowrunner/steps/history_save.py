@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import Problem, StepFailed
 from ..history import access
+from ..llm.replay import calls_model
 from .base import Outputs, Step, ref_or
 
 if TYPE_CHECKING:
@@ -45,9 +46,9 @@ class HistorySaveStep(Step):
         "messages": ref_or({"type": "array", "items": _MESSAGE, "minItems": 1}) | {
             "description": "instead of user_prompt/response: [{role, content, id?, metadata?}]"},
         "turn_id": {"type": "string", "minLength": 1, "maxLength": 200,
-                    "description": "a stable id for this turn (default: the run id; a batch item's id, the "
-                                   "same when --resume runs it again): saving the same turn "
-                                   "again, from any run, updates it instead of adding to it"},
+                    "description": "a stable id for this turn (default: the run id; in a batch with "
+                                   "--output FILE, the item's id, the same when --resume runs it again): "
+                                   "saving the same turn again, from any run, updates it instead of adding to it"},
         "status": {"enum": ["complete", "partial"],
                    "description": "default: partial when an earlier step failed, else complete"},
         "metadata": ref_or({"type": "object"}) | {"description": "stored with each message (JSON)"},
@@ -67,7 +68,7 @@ class HistorySaveStep(Step):
 
     @classmethod
     def connections_used(cls, spec: StepSpec, run: Any) -> list[str]:
-        writes = (run.llm_mode is None or run.llm_mode.calls_model) and run.client_history is None
+        writes = calls_model(run.llm_mode) and run.client_history is None
         return super().connections_used(spec, run) if writes else []
 
     @classmethod
@@ -108,7 +109,7 @@ class HistorySaveStep(Step):
             rows.append((mid, conversation, m["role"], _text(m["content"]), status, ctx.run.run_id,
                          json.dumps(meta, ensure_ascii=False) if meta else None))
             ids.append(mid)
-        if ctx.run.llm_mode is not None and not ctx.run.llm_mode.calls_model:
+        if not calls_model(ctx.run.llm_mode):
             # --dry-run / --replay: no model answered, so nothing is written; a replay stays repeatable.
             from ..events import Warning
 

@@ -81,7 +81,9 @@ class VectorSearchStep(Step):
         metric = p.get("metric", "cosine")
         db = await ctx.connection()
         try:  # the table first: a missing table or another model's is an error before any embedding
-            info = await identity.table_info(db, vt)
+            # With `query:` the table's model is checked, read afresh (another process may have recorded
+            # one since): one catalog query beside an embedding call. `vector:` needs only the table.
+            info = await identity.table_info(db, vt, cached=p.get("vector") is not None)
         except Exception as e:
             raise explain_db_error(e, vt, db.where) from None
         identity.check_table(info, vt)

@@ -93,9 +93,7 @@ class VectorUpsertStep(Step):
         vt = VectorTable.from_props(p)
         size, overlap = int(p.get("chunk_size", 1000)), int(p.get("chunk_overlap", 200))
         sources: list[str] = []  # the files read, even those now empty
-        if p.get("files") is not None:
-            if _from_reference(self.spec.props.get("files")) and p.get("allow_referenced_files") is not True:
-                raise StepFailed("`files` comes from a reference", hint="add `allow_referenced_files: true` to allow it")
+        if p.get("files") is not None:  # from a reference only with allow_referenced_files (check(), at load)
             base = Path(ctx.run.flow.file).parent
             root = _Root(base, p.get("root"))
             chunks = _file_chunks(p["files"], base, root, size, overlap, sources)

@@ -7,6 +7,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ..connections.registry import connection_problem
 from ..errors import Problem, StepFailed
 
 if TYPE_CHECKING:
@@ -14,6 +15,8 @@ if TYPE_CHECKING:
 
 DEFAULT_LOCAL_MODEL = "all-MiniLM-L6-v2"
 DEFAULT_BATCH = 128
+LLM_TYPES = ("openai", "azure_openai")  # the connections that embed
+_USER = "an embedding"  # in "connection 'docs' is postgres, but an embedding needs openai or azure_openai"
 
 SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -41,13 +44,9 @@ def check(spec: Mapping[str, Any], connections: Mapping[str, Any], step: Any) ->
                         step.location, path)]
     if not isinstance(name, str):
         return []  # a ${...} reference: checked when the step runs (embedder_for)
-    conn = connections.get(name)
-    if conn is None:
-        return [Problem(f"unknown connection '{name}'", step.location, f"{path}.connection",
-                        "declare it under connections:")]
-    if conn.type not in ("openai", "azure_openai"):
-        return [Problem(f"connection '{name}' is {conn.type}; embeddings need openai or azure_openai",
-                        step.location, f"{path}.connection")]
+    found = connection_problem(name, LLM_TYPES, {n: c.type for n, c in connections.items()}, _USER)
+    if found:
+        return [Problem(found[0], step.location, f"{path}.connection", found[1])]
     if not spec.get("model"):
         return [Problem("embedding needs `model:` (e.g. text-embedding-3-small)", step.location, path)]
     return []
@@ -57,7 +56,9 @@ def connections_used(spec: Any, run: Any) -> list[str]:
     """The LLM connection an `embedding:` mapping opens in `run` (none in a replay: recorded vectors)."""
     if not isinstance(spec, Mapping) or spec.get("provider") == "local" or not isinstance(spec.get("connection"), str):
         return []
-    return [] if run.llm_mode is not None and run.llm_mode.kind == "replay" else [spec["connection"]]
+    from ..llm.replay import replays
+
+    return [] if replays(run.llm_mode) else [spec["connection"]]
 
 
 class Embedder(Protocol):
@@ -137,15 +138,15 @@ async def embedder_for(spec: Mapping[str, Any], ctx: StepContext) -> Embedder:
     batch = int(spec.get("batch_size") or DEFAULT_BATCH)
     if spec.get("provider") == "local":
         return LocalEmbedder(spec.get("model") or DEFAULT_LOCAL_MODEL, min(batch, 64))
+    from ..llm.replay import records, replays
+
     mode = ctx.run.llm_mode
-    kind = mode.kind if mode is not None else None
-    if kind == "replay":  # the recorded vectors; the connection stays closed
+    if replays(mode):  # the recorded vectors; the connection stays closed
         return ReplayEmbedder(mode, ctx.step_id, spec["model"], spec.get("dimensions"))
     # A name that came through a ${...} reference is known only now: declared, and an LLM connection?
-    ctx.run.connections.check(spec["connection"], ("openai", "azure_openai"), "embeddings",
-                              f"embedding.connection is {spec['connection']!r}")
+    ctx.run.connections.check(spec["connection"], LLM_TYPES, _USER, f"embedding.connection is {spec['connection']!r}")
     embedder = OpenAIEmbedder(await ctx.connection(spec["connection"]), spec["model"], spec.get("dimensions"), batch)
-    if kind == "record":
+    if records(mode):
         return RecordingEmbedder(embedder, mode, ctx.step_id)
     return embedder
 

@@ -62,8 +62,14 @@ def model_of(spec: Mapping[str, Any]) -> Model:
 
 
 async def table_info(db: Any, vt: VectorTable, *, cached: bool = True) -> TableInfo:
-    """One catalog query per table per run (cached on the connection object) for vector_search;
-    vector_upsert reads afresh (`cached=False`) and drops the cached entry when it records a model."""
+    """The table as the catalog describes it now. With `cached`, a table that exists and has its
+    column is read once and kept on the connection object, which serve and batch keep for the whole
+    process: vector_search with `vector:` needs only that (existence and width change only with a
+    rebuild, which the query itself then reports). A missing table is never kept: it may be ingested
+    at any moment, by another process too, and a search must find it then without a restart.
+
+    The recorded model can change while a process runs (another process records it on a table from
+    before): whoever checks it reads afresh (`cached=False`), which neither uses nor fills the cache."""
     key = (vt.sql_table, vt.columns["embedding"])
     if cached and key in db.tables:
         return db.tables[key]
@@ -74,7 +80,8 @@ async def table_info(db: Any, vt: VectorTable, *, cached: bool = True) -> TableI
         model = _parse(comment)
         foreign = model is None
     info = TableInfo(bool(exists), width, model, foreign)
-    db.tables[key] = info
+    if cached and info.exists and info.width is not None:
+        db.tables[key] = info
     return info
 
 
@@ -83,8 +90,9 @@ def _parse(comment: str) -> Model | None:
         return None
     try:
         data = json.loads(comment[len(PREFIX):])
-        return Model(str(data["model"]), str(data.get("provider") or "openai"), data.get("dimensions"))
-    except (ValueError, KeyError, TypeError):
+        dims = data.get("dimensions")  # a hand-edited "1536" is 1536: same_as compares numbers
+        return Model(str(data["model"]), str(data.get("provider") or "openai"), int(dims) if dims is not None else None)
+    except (ValueError, KeyError, TypeError, AttributeError):  # not JSON, not an object, a width that is no number
         return None
 
 
