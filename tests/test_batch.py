@@ -19,26 +19,19 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, run_cli
+from tests.support.chat_flows import chat_flow
+from tests.support.jsonlines import log_lines, read_json_lines, records_by_index
 from tests.support.openai_script import Reply
 
-FLOW = """
-version: 1
-name: batch-test
-inputs:
-  question: {type: string}
-  n: {type: integer, default: 0}
-connections:
-  llm: {type: openai, api_key: sk-test-key, base_url: "${env.TEST_OPENAI_BASE_URL}", max_retries: 1}
-steps:
-  - id: answer
-    type: chat_completion
-    connection: llm
-    model: gpt-4o-mini
-    user_prompt: ${inputs.question}
+FLOW = chat_flow(
+    "batch-test",
+    inputs="  question: {type: string}\n  n: {type: integer, default: 0}",
+    connection='llm: {type: openai, api_key: sk-test-key, base_url: "${env.TEST_OPENAI_BASE_URL}", max_retries: 1}',
+    after="""\
 outputs:
   answer: ${response}
   n: ${inputs.n}
-"""
+""")
 
 
 @pytest.fixture
@@ -58,14 +51,6 @@ def question(request) -> str:
 def jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
-
-
-def results(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
-def log_lines(stderr: str) -> list[dict]:
-    return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
 
 
 def test_200_items_with_429s_and_broken_streams_each_recorded_once(flow, env, llm, tmp_path) -> None:
@@ -92,7 +77,7 @@ def test_200_items_with_429s_and_broken_streams_each_recorded_once(flow, env, ll
     r = run_cli("batch", str(flow), "--inputs", str(inputs), "--output", str(out), "--concurrency", "16",
                 env=env, timeout=120)
     assert r.returncode == 1, r.stderr  # some items failed
-    records = results(out)
+    records = read_json_lines(out)
     assert sorted(rec["index"] for rec in records) == list(range(200))  # each exactly once
     for rec in records:
         i = rec["index"]
@@ -134,12 +119,12 @@ def test_resume_after_sigkill_ends_with_every_item_exactly_once(flow, env, llm, 
         proc.wait(timeout=10)
     finally:
         proc.kill()
-    first = results(out)
+    first = read_json_lines(out)
     assert 10 <= len(first) < 60
     r = run_cli("batch", str(flow), "--inputs", str(inputs), "--output", str(out), "--resume", "--concurrency", "4",
                 env=env, timeout=120)
     assert r.returncode == 0, r.stderr
-    final = results(out)
+    final = read_json_lines(out)
     assert sorted(rec["index"] for rec in final) == list(range(60))
     assert all(rec["status"] == "ok" and rec["outputs"]["answer"] == f"answer to q{rec['index']}" for rec in final)
     asked = Counter(question(req) for req in llm.chat_requests)
@@ -157,7 +142,7 @@ def test_resume_drops_a_torn_line_and_reruns_failed_items(flow, env, llm, tmp_pa
     out.write_text(json.dumps(done) + "\n" + json.dumps(failed) + "\n" + '{"index": 2, "inpu', encoding="utf-8")
     r = run_cli("batch", str(flow), "--inputs", str(inputs), "--output", str(out), "--resume", env=env)
     assert r.returncode == 0, r.stderr
-    final = sorted(results(out), key=lambda rec: rec["index"])
+    final = sorted(read_json_lines(out), key=lambda rec: rec["index"])
     assert [rec["index"] for rec in final] == [0, 1, 2, 3]
     assert final[0]["outputs"] == {"answer": "kept"}  # not run again
     assert all(rec["status"] == "ok" for rec in final)
@@ -194,7 +179,7 @@ def test_csv_with_map_constants_defaults_and_bad_rows(flow, env, llm, tmp_path) 
                     encoding="utf-8")
     r = run_cli("batch", str(flow), "--inputs", str(data), "--map", "question=prompt", env=env)
     assert r.returncode == 1, r.stderr  # rows 3 and 4 are bad
-    records = {rec["index"]: rec for rec in map(json.loads, r.stdout.splitlines())}  # no --output: stdout
+    records = records_by_index(r.stdout)  # no --output: stdout
     assert records[0]["outputs"] == {"answer": "re: first, with a comma", "n": 5}
     assert records[1]["outputs"] == {"answer": "re: two\nlines", "n": 0}  # an empty cell: the default
     assert records[2]["status"] == "failed" and "items.csv:5:1: input 'n': expected an integer" in records[2]["error"]
@@ -214,7 +199,7 @@ def test_jsonl_bad_lines_and_constants(flow, env, llm, tmp_path) -> None:
     data.write_text('{"question": "a"}\n\n[1, 2]\n{"question": "b", "n": "7"}\n{broken\n{"n": 2}\n', encoding="utf-8")
     r = run_cli("batch", str(flow), "--inputs", str(data), "-i", "n=3", env=env)
     assert r.returncode == 1
-    records = {rec["index"]: rec for rec in map(json.loads, r.stdout.splitlines())}
+    records = records_by_index(r.stdout)
     assert records[0]["status"] == "ok" and records[0]["inputs"] == {"question": "a", "n": 3}  # -i for every item
     assert "items.jsonl:3:1: expected a JSON object" in records[1]["error"]
     assert "items.jsonl:4:1: input 'n': expected an integer" in records[2]["error"]  # JSON keeps its types
@@ -276,7 +261,7 @@ def test_fail_fast_stops_at_the_first_failure(flow, env, llm, tmp_path) -> None:
     r = run_cli("batch", str(flow), "--inputs", str(inputs), "--output", str(out), "--concurrency", "1",
                 "--fail-fast", env=env)
     assert r.returncode == 1
-    assert [(rec["index"], rec["status"]) for rec in results(out)] == [(0, "ok"), (1, "ok"), (2, "failed")]
+    assert [(rec["index"], rec["status"]) for rec in read_json_lines(out)] == [(0, "ok"), (1, "ok"), (2, "failed")]
     assert len(llm.chat_requests) == 3
 
 
@@ -304,7 +289,7 @@ def test_progress_bar_and_summary_on_a_terminal(flow, env, llm, tmp_path) -> Non
     text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode(errors="replace"))
     assert "5/5" in text and "items/s" in text
     assert "done: 5 items, 5 ok, 0 failed" in text and f"results in {out}" in text
-    assert len(results(out)) == 5
+    assert len(read_json_lines(out)) == 5
 
 
 def test_a_setup_error_stops_the_batch_instead_of_failing_every_item(write_flow, tmp_path) -> None:

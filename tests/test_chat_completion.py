@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import ROOT, run_cli
 from tests.support.fixtures import RECORDINGS, Reply
+from tests.support.jsonlines import json_lines
 
 FLOW = """
 version: 1
@@ -64,7 +65,7 @@ def spawn(flow: Path, llm) -> subprocess.Popen:
 
 
 def events(out: subprocess.CompletedProcess) -> list[dict]:
-    return [json.loads(line) for line in out.stdout.splitlines()]
+    return json_lines(out.stdout)
 
 
 def finished(out: subprocess.CompletedProcess, step: str) -> dict:

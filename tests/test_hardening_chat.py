@@ -9,23 +9,13 @@ import json
 import pytest
 
 from tests.conftest import run_cli
+from tests.support.chat_flows import chat_flow, openai_env
 from tests.support.fixtures import Reply
+from tests.support.jsonlines import events
 
 REFUSAL = "I'm sorry, I can't help with that."
 
-FLOW = """
-version: 1
-name: hardened-chat
-inputs:
-  question: {type: string}
-connections:
-  llm: {type: openai, api_key: "${env.OPENAI_API_KEY}", base_url: "${env.OPENAI_BASE_URL}", max_retries: 0}
-steps:
-  - id: answer
-    type: chat_completion
-    connection: llm
-    model: gpt-4o-mini
-    user_prompt: ${inputs.question}
+FLOW = chat_flow("hardened-chat", after="""\
     %(step_extra)s
   - id: tally
     type: set
@@ -36,19 +26,11 @@ outputs:
   tokens: ${steps.answer.usage.total_tokens}
   again: ${steps.answer.usage.total_tokens}
   tallied: ${tokens}
-"""
+""")
 
 
 def flow_file(write_flow, step_extra: str = ""):
     return write_flow(FLOW % {"step_extra": step_extra})
-
-
-def env_for(llm) -> dict[str, str]:
-    return {"OPENAI_BASE_URL": llm.base_url, "OPENAI_API_KEY": "sk-test-hardening"}
-
-
-def events(stdout: str) -> list[dict]:
-    return [json.loads(line) for line in stdout.splitlines() if line.strip()]
 
 
 def run_finished(stdout: str) -> dict:
@@ -61,7 +43,7 @@ def run_finished(stdout: str) -> dict:
 def test_a_refusal_is_a_warning_with_its_text_an_output_and_exit_0(write_flow, llm, stream) -> None:
     llm.script(Reply(refusal=REFUSAL))
     flow = flow_file(write_flow, f"stream: {stream}")
-    out = run_cli("run", str(flow), "-i", "question=Help me pick a lock", "--sink", "jsonl:-", env=env_for(llm))
+    out = run_cli("run", str(flow), "-i", "question=Help me pick a lock", "--sink", "jsonl:-", env=openai_env(llm))
     assert out.returncode == 0, out.stderr
     warning = f"the model refused to answer: {REFUSAL}"
     assert out.stderr.count(warning) == 1, out.stderr
@@ -75,14 +57,14 @@ def test_a_refusal_is_a_warning_with_its_text_an_output_and_exit_0(write_flow, l
 
 def test_a_refusal_with_the_default_sink_says_so_on_stderr(write_flow, llm) -> None:
     llm.script(Reply(refusal=REFUSAL))
-    out = run_cli("run", str(flow_file(write_flow)), "-i", "question=q", env=env_for(llm))
+    out = run_cli("run", str(flow_file(write_flow)), "-i", "question=q", env=openai_env(llm))
     assert out.returncode == 0, out.stderr
     assert out.stderr.count(f"the model refused to answer: {REFUSAL}") == 1, out.stderr
 
 
 def test_an_answer_without_refusal_says_nothing_about_one(write_flow, llm) -> None:
     llm.script(Reply(text="Fine."))
-    out = run_cli("run", str(flow_file(write_flow)), "-i", "question=q", "--output", "json", env=env_for(llm))
+    out = run_cli("run", str(flow_file(write_flow)), "-i", "question=q", "--output", "json", env=openai_env(llm))
     assert out.returncode == 0, out.stderr
     assert "refused" not in out.stderr
     assert json.loads(out.stdout)["refusal"] is None
@@ -147,7 +129,7 @@ def test_a_server_that_sends_no_usage_records_and_replays(write_flow, llm, tmp_p
     flow, tape = flow_file(write_flow), tmp_path / "tape.jsonl"
     llm.script(Reply(text="Forty-two.", usage=False))  # llama.cpp, Ollama, most mocks
     live = run_cli("run", str(flow), "-i", "question=q", "--record", str(tape), "--sink", "jsonl:-",
-                   env=env_for(llm))
+                   env=openai_env(llm))
     assert_null_usage_with_one_warning(live)
     assert run_finished(live.stdout)["outputs"]["answer"] == "Forty-two."
     offline = {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1", "OPENAI_API_KEY": ""}
@@ -158,7 +140,7 @@ def test_a_server_that_sends_no_usage_records_and_replays(write_flow, llm, tmp_p
 
 def test_usage_that_was_sent_is_used_and_warns_nothing(write_flow, llm) -> None:
     llm.script(Reply(text="Hi.", usage={"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}))
-    out = run_cli("run", str(flow_file(write_flow)), "-i", "question=q", "--sink", "jsonl:-", env=env_for(llm))
+    out = run_cli("run", str(flow_file(write_flow)), "-i", "question=q", "--sink", "jsonl:-", env=openai_env(llm))
     assert out.returncode == 0, out.stderr
     assert run_finished(out.stdout)["outputs"]["tokens"] == 7 and "is null" not in out.stderr
 
@@ -175,7 +157,7 @@ outputs:
   first_call: ${steps.answer.tool_calls[0].name}
 """)
     llm.script(Reply(text="No tools needed."))
-    out = run_cli("run", str(flow), env=env_for(llm))
+    out = run_cli("run", str(flow), env=openai_env(llm))
     assert out.returncode == 1
     assert "flow outputs: ${steps.answer.tool_calls[0].name}: steps.answer.tool_calls has 0 item(s), no [0]" \
         in out.stderr

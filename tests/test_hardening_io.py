@@ -21,22 +21,10 @@ import pytest
 
 from flowrunner import secrets
 from tests.conftest import ROOT, run_cli
+from tests.support.chat_flows import chat_flow, openai_env
 from tests.support.fixtures import Reply
 
-CHAT = """
-version: 1
-name: io-chat
-inputs:
-  question: {type: string, default: Say something.}
-connections:
-  llm: {type: openai, api_key: "${env.OPENAI_API_KEY}", base_url: "${env.OPENAI_BASE_URL}", max_retries: 0}
-steps:
-  - id: answer
-    type: chat_completion
-    connection: llm
-    model: gpt-4o-mini
-    user_prompt: ${inputs.question}
-"""
+CHAT = chat_flow("io-chat", inputs="  question: {type: string, default: Say something.}")
 
 HELLO = """
 version: 1
@@ -84,7 +72,7 @@ def assert_clean(out: subprocess.CompletedProcess[str]) -> None:
 @pytest.fixture
 def model_env(llm) -> dict[str, str]:
     llm.script(Reply(text=["A streamed", " answer", " in words."]))
-    return {"OPENAI_BASE_URL": llm.base_url, "OPENAI_API_KEY": "sk-io-test-key"}
+    return openai_env(llm)
 
 
 # --- item 13: a full disk --------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, run_cli
+from tests.support.jsonlines import log_lines, read_json_lines, records_by_index
 from tests.support.openai_script import Reply
 
 CHAT_AND_SAVE = """
@@ -67,10 +68,6 @@ SLOW_AGAIN = """\
 def history_rows(data_dir: Path) -> list[tuple]:
     with sqlite3.connect(data_dir / "history.sqlite3") as db:
         return db.execute("SELECT conversation_id, role, content, status FROM chat_history ORDER BY seq").fetchall()
-
-
-def read_events(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def wait_for(predicate, proc: subprocess.Popen, what: str, limit: float = 30) -> None:
@@ -133,7 +130,7 @@ def test_an_interrupted_runs_run_finished_event(llm, write_flow, tmp_path: Path,
     finally:
         proc.kill()
     assert proc.returncode == (130 if sig == signal.SIGINT else 143), stderr
-    events = read_events(events_file)
+    events = read_json_lines(events_file)
     partial = "".join(texts(events, "answer"))
     assert partial.startswith("Retrieval")
     saved = next(e for e in events if e["event"] == "step_finished" and e["step"] == "remember")
@@ -162,7 +159,7 @@ def test_a_second_ctrl_c_stops_at_once(llm, write_flow, tmp_path: Path) -> None:
         proc.kill()
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr.decode()
-    events = read_events(events_file)
+    events = read_json_lines(events_file)
     # Stopped at once: not ended by running out of time, and nothing after it started.
     assert not [e for e in events if e["event"] == "step_finished" and e["step"] == "again"]
     assert not [e for e in events if e.get("step") == "remember"]
@@ -182,7 +179,7 @@ def test_run_on_failure_steps_after_a_stop_are_bounded(llm, write_flow, tmp_path
     finally:
         proc.kill()
     assert proc.returncode == 130, stderr
-    events = read_events(events_file)
+    events = read_json_lines(events_file)
     again = next(e for e in events if e["event"] == "step_finished" and e["step"] == "again")
     assert again["status"] == "failed" and "the run was interrupted" in again["error"] and "ran out" in again["error"]
     assert again["outputs"]["partial"] is True and again["outputs"]["text"].startswith("again")
@@ -251,14 +248,6 @@ outputs:
 """
 
 
-def records(text: str) -> dict[int, dict]:
-    return {rec["index"]: rec for rec in map(json.loads, text.splitlines())}
-
-
-def log_lines(stderr: str) -> list[dict]:
-    return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
-
-
 def test_batch_a_bad_csv_row_is_one_failed_item(write_flow, tmp_path: Path) -> None:
     flow = write_flow(SET_FLOW)
     long_cell = "x" * 200_000  # over the csv module's default field limit (128 KiB)
@@ -267,7 +256,7 @@ def test_batch_a_bad_csv_row_is_one_failed_item(write_flow, tmp_path: Path) -> N
     r = run_cli("batch", str(flow), "--inputs", str(data))
     assert r.returncode == 1, r.stderr
     assert "internal error" not in r.stderr and "Traceback" not in r.stderr
-    recs = records(r.stdout)
+    recs = records_by_index(r.stdout)
     assert sorted(recs) == [0, 1, 2, 3]
     assert recs[1]["status"] == "ok" and recs[1]["outputs"]["echo"] == long_cell  # a long cell is a value
     assert recs[2]["status"] == "failed" and "items.csv:4:1: input 'n'" in recs[2]["error"]
@@ -283,7 +272,7 @@ def test_batch_a_bad_jsonl_line_is_one_failed_item(write_flow, tmp_path: Path) -
     r = run_cli("batch", str(flow), "--inputs", str(data))
     assert r.returncode == 1, r.stderr
     assert "internal error" not in r.stderr and "Traceback" not in r.stderr
-    recs = records(r.stdout)
+    recs = records_by_index(r.stdout)
     assert [recs[i]["status"] for i in range(4)] == ["ok", "failed", "failed", "ok"]
     assert "items.jsonl:2:1: a number too long to read" in recs[1]["error"]
     assert "items.jsonl:3:1: a value nested too deeply" in recs[2]["error"]
@@ -302,7 +291,7 @@ def test_batch_resume_over_a_hand_edited_results_line(write_flow, tmp_path: Path
     r = run_cli("batch", str(flow), "--inputs", str(data), "--output", str(out), "--resume")
     assert r.returncode == 0, r.stderr
     assert "internal error" not in r.stderr
-    final = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    final = read_json_lines(out)
     assert sorted(rec["index"] for rec in final) == [0, 1, 2]  # each item exactly once
     warned = [line for line in log_lines(r.stderr) if "index is not an item number" in line["event"]]
     assert warned and warned[0]["line"] == 2

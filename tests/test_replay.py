@@ -6,29 +6,18 @@ from __future__ import annotations
 import json
 
 from tests.conftest import run_cli
+from tests.support.chat_flows import chat_flow, openai_env
 from tests.support.fixtures import Reply
+from tests.support.jsonlines import json_lines
 
-FLOW = """
-version: 1
-name: replayed
-inputs:
-  question: {type: string}
-connections:
-  llm: {type: openai, api_key: "${env.OPENAI_API_KEY}", base_url: "${env.OPENAI_BASE_URL}", max_retries: 0}
-steps:
-  - id: answer
-    type: chat_completion
-    connection: llm
-    model: gpt-4o-mini
-    system_prompt: Be brief.
-    user_prompt: ${inputs.question}
+FLOW = chat_flow("replayed", before="    system_prompt: Be brief.\n", after="""\
     context: [first passage, second passage]
     temperature: 0.2
-"""
+""")
 
 
 def texts(stdout: str) -> list[str]:
-    return [e["text"] for e in map(json.loads, stdout.splitlines()) if e["event"] == "text"]
+    return [e["text"] for e in json_lines(stdout) if e["event"] == "text"]
 
 
 def test_dry_run_prints_the_request_and_calls_no_model(write_flow, llm) -> None:
@@ -62,7 +51,7 @@ def test_record_then_replay_with_the_same_chunking_offline(write_flow, llm, tmp_
                      env=offline)
     assert replay.returncode == 0, replay.stderr
     assert texts(replay.stdout) == texts(live.stdout)
-    finished = [e for e in map(json.loads, replay.stdout.splitlines()) if e["event"] == "step_finished"][0]
+    finished = [e for e in json_lines(replay.stdout) if e["event"] == "step_finished"][0]
     assert finished["outputs"]["text"] == "Forty-two, of course." and finished["outputs"]["finish_reason"] == "stop"
     assert len(llm.requests) == served
     plain = run_cli("run", str(flow), "-i", "question=Answer?", "--replay", str(tape), env=offline)
@@ -72,7 +61,7 @@ def test_record_then_replay_with_the_same_chunking_offline(write_flow, llm, tmp_
 def test_a_replay_that_does_not_match_the_request_fails_clearly(write_flow, llm, tmp_path) -> None:
     flow, tape = write_flow(FLOW), tmp_path / "tape.jsonl"
     llm.script(Reply(text="Yes."))
-    env = {"OPENAI_BASE_URL": llm.base_url, "OPENAI_API_KEY": "sk-test"}
+    env = openai_env(llm, "sk-test")
     assert run_cli("run", str(flow), "-i", "question=Is it on?", "--record", str(tape), env=env).returncode == 0
     out = run_cli("run", str(flow), "-i", "question=Is it off?", "--replay", str(tape), env=env)
     assert out.returncode == 1
@@ -87,7 +76,7 @@ def test_a_replay_that_does_not_match_the_request_fails_clearly(write_flow, llm,
 
 def test_a_broken_stream_replays_broken(write_flow, llm, tmp_path) -> None:
     flow, tape = write_flow(FLOW), tmp_path / "tape.jsonl"
-    env = {"OPENAI_BASE_URL": llm.base_url, "OPENAI_API_KEY": "sk-test"}
+    env = openai_env(llm, "sk-test")
     llm.script(Reply(text=["Half", " an", " answer", " and", " more"], disconnect_after=2))
     live = run_cli("run", str(flow), "-i", "question=q", "--record", str(tape), env=env)
     replay = run_cli("run", str(flow), "-i", "question=q", "--replay", str(tape), env=env)
@@ -115,7 +104,7 @@ def test_the_rag_example_records_and_replays_without_any_model_server(pg, llm, t
     args = ("run", "flows/rag_chat.yaml", "-i", "question=What does pgvector add?", "-i", "conversation_id=recording")
     live = run_cli(*args, "--record", str(tape), env=env)
     assert live.returncode == 0, live.stderr
-    kinds = [json.loads(line).get("kind", "chat") for line in tape.read_text().splitlines()]
+    kinds = [rec.get("kind", "chat") for rec in json_lines(tape.read_text())]
     assert kinds == ["embedding", "history", "chat"]
     # Replayed under another conversation: a replay saves nothing and serves the recorded history, so it
     # repeats exactly.
@@ -133,7 +122,7 @@ def test_a_recording_masks_secrets_and_still_replays(write_flow, llm, tmp_path) 
     """A 4-character DSN password that also occurs in the question is masked in the recording; the
     replay compares the masked request with the masked recording, so it still matches."""
     flow = write_flow(FLOW.replace('max_retries: 0}', 'max_retries: 0}\n  db: {type: postgres, dsn: "postgresql://u:chat@h/db"}'))
-    tape, env = tmp_path / "tape.jsonl", {"OPENAI_BASE_URL": llm.base_url, "OPENAI_API_KEY": "sk-test"}
+    tape, env = tmp_path / "tape.jsonl", openai_env(llm, "sk-test")
     llm.script(Reply(text="History is kept."))
     q = "question=how does chat history work?"
     assert run_cli("run", str(flow), "-i", q, "--record", str(tape), env=env).returncode == 0

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PLUGINS, ROOT, run_cli
+from tests.support.jsonlines import events
 
 SET_FLOW = """
 version: 1
@@ -30,10 +31,6 @@ outputs:
   greeting: ${greeting}
   count: ${steps.greet.count}
 """
-
-
-def events(stdout: str) -> list[dict]:
-    return [json.loads(line) for line in stdout.splitlines() if line.strip()]
 
 
 def test_set_flow_prints_outputs(write_flow) -> None:
