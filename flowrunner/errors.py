@@ -17,6 +17,8 @@ EXIT_INTERRUPTED, EXIT_BROKEN_PIPE, EXIT_TERMINATED = 130, 141, 143  # 128 + SIG
 
 @dataclass(frozen=True)
 class Location:
+    """A place in a file: file:line:col."""
+
     file: str
     line: int | None = None  # 1-based
     col: int | None = None  # 1-based

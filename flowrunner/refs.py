@@ -30,6 +30,8 @@ class RefSyntaxError(ValueError):
 
 @dataclass(frozen=True)
 class Ref:
+    """One ${...} reference: its text, its root and the path inside it."""
+
     text: str  # as written, e.g. "${passages[0].content}"
     root: str
     path: tuple[str | int, ...]
@@ -143,6 +145,8 @@ class RefValueError(LookupError):
 
 @dataclass
 class Scope:
+    """What references resolve against while a flow runs."""
+
     inputs: Mapping[str, Any]
     variables: Mapping[str, Any]
     steps: Mapping[str, Mapping[str, Any]]

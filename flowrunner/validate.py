@@ -7,7 +7,6 @@ from pathlib import Path
 
 import click
 
-from . import secrets
 from .errors import FlowDefinitionError, FlowError, Location, Problem
 from .files import echo
 
@@ -46,6 +45,8 @@ def validate_paths(paths: tuple[Path, ...], fmt: str, connections_file: Path | N
         except FlowError as e:
             results.append((file, e.problems))
         except Exception as e:  # a bug in a check: say so for this file, and still check the others
+            from . import secrets  # only here: its patterns cost start-up time
+
             what = f"{type(e).__name__}: {secrets.shorten(str(e), 200)}"  # masked, then cut
             results.append((file, (Problem(f"internal error while checking this file: {what}",
                                            Location(str(file), 1, 1),

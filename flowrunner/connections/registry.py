@@ -10,7 +10,7 @@ from typing import Any
 _SECONDS = {"type": "number", "exclusiveMinimum": 0}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Need:
     """One of `fields` must have a value (`only_if_given`: when one is written as ${env.X}; not
     written at all, the type has a default). `words` say what it is in messages; `at_field`: an
@@ -22,8 +22,10 @@ class Need:
     only_if_given: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ConnectionType:
+    """A connection type: its properties' schema, its secret fields and what it needs set."""
+
     name: str
     summary: str
     properties: dict[str, dict[str, Any]]

@@ -1,5 +1,8 @@
 """The loaded flow: frozen dataclasses built from validated YAML. Strings that hold references are
-already parsed into refs.Template objects."""
+already parsed into refs.Template objects.
+
+eq=False: each spec is one object of one loaded flow, compared by identity; generating __eq__ and
+__hash__ for them is start-up time `validate` pays for nothing (bench/startup.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +16,10 @@ from .load import PathKey, SourceMap
 INPUT_TYPES = ("string", "integer", "number", "boolean", "array", "object")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class InputSpec:
+    """A declared flow input: its type, default and description."""
+
     name: str
     type: str = "string"
     default: Any = None
@@ -27,8 +32,10 @@ class InputSpec:
         return not self.has_default
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ConnectionSpec:
+    """A declared connection, its fields still holding ${env.X} templates."""
+
     name: str
     type: str
     config: Mapping[str, Any]  # values may be Templates of ${env.X}
@@ -36,15 +43,19 @@ class ConnectionSpec:
     source: SourceMap | None = field(default=None, repr=False, compare=False)  # the file it came from
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RetrySpec:
+    """A step's retry policy: how many tries, and the backoff between them."""
+
     attempts: int = 1  # total tries, so 1 means no retry
     backoff: float = 1.0  # first delay in seconds, doubled after each try
     max_backoff: float = 30.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class StepSpec:
+    """One step as written: the engine's options, and its type's properties compiled."""
+
     id: str
     type: str
     index: int
@@ -65,8 +76,10 @@ class StepSpec:
         return f"step '{self.id}' ({self.type})"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Flow:
+    """A loaded, checked flow file."""
+
     name: str
     version: int
     file: str

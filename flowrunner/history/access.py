@@ -1,28 +1,16 @@
-"""What history_load and history_save share: their common properties, and finding the store."""
+"""What history_load and history_save share at run time: finding the store (their common
+properties are in properties.py)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
 from ..errors import StepFailed
-from .sql import DEFAULT_TABLE, MAX_CONVERSATION_ID, TABLE_PATTERN
+from .properties import DEFAULT_TABLE
 
 if TYPE_CHECKING:  # store.py imports asyncio: loaded only when a step runs, never by `validate`
     from ..steps.context import StepContext
     from .store import HistoryStore
-
-CONNECTION_TYPES = ("sqlserver", "postgres", "sqlite")
-PROPERTIES: dict[str, dict[str, Any]] = {
-    "conversation_id": {"type": "string", "minLength": 1, "maxLength": MAX_CONVERSATION_ID,
-                        "description": "the conversation (up to 256 characters)"},
-    "table": {"anyOf": [{"type": "string", "pattern": TABLE_PATTERN,
-                         "description": "a valid table name (letters, digits and _, optionally schema.table)"},
-                        {"$ref": "#/$defs/reference"}],
-              "default": DEFAULT_TABLE, "description": "the history table, optionally schema.table"},
-    "create": {"type": "boolean", "default": False,
-               "description": "create the table (and its index) when it is missing"},
-}
-NO_CONNECTION = "without `connection:`, the embedded SQLite history file in the user's data directory"
 
 
 def store_of(conn: Any) -> HistoryStore:

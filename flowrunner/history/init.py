@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import FlowDefinitionError, FlowRuntimeError, Problem
 from ..files import echo
-from .sql import DEFAULT_TABLE
+from .properties import DEFAULT_TABLE
 
 
 def init_tables(flow_path: Path, connections_file: Path | None) -> int:

@@ -18,23 +18,19 @@ as parameters."""
 from __future__ import annotations
 
 import functools
-import re
 from dataclasses import dataclass
 
 from ..errors import StepFailed
 
-DEFAULT_TABLE = "chat_history"
-MAX_CONVERSATION_ID = 256
-NAME = r"[A-Za-z_][A-Za-z0-9_]{0,62}"
-TABLE_PATTERN = rf"^{NAME}(\.{NAME})?$"
-_TABLE = re.compile(TABLE_PATTERN)
+from ..identifiers import is_table
+from .properties import MAX_CONVERSATION_ID
 
 # Bound in this order by every dialect's upsert.
 UPSERT_COLUMNS = ("message_id", "conversation_id", "role", "content", "status", "run_id", "metadata")
 
 
 def table_parts(table: object) -> list[str]:
-    if not isinstance(table, str) or not _TABLE.fullmatch(table):  # fullmatch: no trailing newline either
+    if not is_table(table):  # fullmatch: no trailing newline either
         raise StepFailed(f"table {table!r} is not a valid name",
                          hint="use letters, digits and '_' (schema.table allowed)")
     return table.split(".")

@@ -23,7 +23,7 @@ def ref_or(schema: dict[str, Any]) -> dict[str, Any]:
     return {"anyOf": [schema, REFERENCE]}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Outputs:
     """The last item a step yields: its outputs by name."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..history import access
+from ..history import access, properties
 from ..llm.replay import records, replays
 from .base import Outputs, Step, ref_or
 
@@ -18,10 +18,10 @@ if TYPE_CHECKING:
 class HistoryLoadStep(Step):
     type_name = "history_load"
     summary = "Loads a conversation's last messages (SQL Server, PostgreSQL or SQLite), oldest first."
-    connection_types = access.CONNECTION_TYPES
-    connection_default = access.NO_CONNECTION
+    connection_types = properties.CONNECTION_TYPES
+    connection_default = properties.NO_CONNECTION
     properties: ClassVar[dict[str, dict[str, Any]]] = {
-        **access.PROPERTIES,
+        **properties.PROPERTIES,
         "max_messages": ref_or({"type": "integer", "minimum": 1, "maximum": 10000}) | {
             "default": 20, "description": "at most this many of the newest messages"},
         "max_tokens": ref_or({"type": "integer", "minimum": 1}) | {

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import Problem, StepFailed
-from ..history import access
+from ..history import access, properties
 from ..llm.replay import calls_model
 from .base import Outputs, Step, ref_or
 
@@ -37,10 +37,10 @@ _MESSAGE = {
 class HistorySaveStep(Step):
     type_name = "history_save"
     summary = "Saves a turn to a conversation's history in one transaction; repeating it never duplicates."
-    connection_types = access.CONNECTION_TYPES
-    connection_default = access.NO_CONNECTION
+    connection_types = properties.CONNECTION_TYPES
+    connection_default = properties.NO_CONNECTION
     properties: ClassVar[dict[str, dict[str, Any]]] = {
-        **access.PROPERTIES,
+        **properties.PROPERTIES,
         "user_prompt": {"type": ["string", "null"], "description": "the user's message"},
         "response": {"type": ["string", "null"], "description": "the answer (usually ${response})"},
         "messages": ref_or({"type": "array", "items": _MESSAGE, "minItems": 1}) | {

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import Problem, StepFailed
 from ..vector import embeddings
-from ..vector.table import METRICS, SCHEMA_FRAGMENT, VectorTable, explain_db_error
+from ..vector.properties import METRICS, SCHEMA_FRAGMENT
 from .base import Outputs, Step, ref_or
 
 if TYPE_CHECKING:
@@ -75,6 +75,7 @@ class VectorSearchStep(Step):
 
     async def run(self, ctx: StepContext) -> AsyncIterator[Event | Outputs]:
         from ..vector import identity
+        from ..vector.table import VectorTable, explain_db_error
 
         p = ctx.props
         vt = VectorTable.from_props(p)

@@ -9,14 +9,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import Problem, StepFailed
 from ..vector import embeddings
-from ..vector.chunking import chunk_text
-from ..vector.table import METRICS, SCHEMA_FRAGMENT, VectorTable, explain_db_error
+from ..vector.properties import METRICS, SCHEMA_FRAGMENT
 from .base import Outputs, Step, ref_or
 
 if TYPE_CHECKING:
     from .context import StepContext
     from ..events import Event
     from ..flow.model import StepSpec
+    from ..vector.table import VectorTable
 
 TEXT_SUFFIXES = {".md", ".markdown", ".txt", ".rst", ".text"}
 
@@ -88,6 +88,7 @@ class VectorUpsertStep(Step):
     async def run(self, ctx: StepContext) -> AsyncIterator[Event | Outputs]:
         from .. import events
         from ..vector import identity
+        from ..vector.table import VectorTable, explain_db_error
 
         p = ctx.props
         vt = VectorTable.from_props(p)
@@ -256,6 +257,8 @@ def _glob(pattern: str, base: Path, root: _Root) -> list[Path]:
 def _file_chunks(globs: str | list[str], base: Path, root: _Root, size: int, overlap: int,
                  sources: list[str]) -> list[Chunk]:
     """The chunks of the files the globs match; their paths (as in the ids) are added to `sources`."""
+    from ..vector import chunking
+
     patterns = [globs] if isinstance(globs, str) else list(globs)
     files: list[Path] = []
     for pattern in patterns:
@@ -272,13 +275,15 @@ def _file_chunks(globs: str | list[str], base: Path, root: _Root, size: int, ove
         source = str(file.relative_to(base)) if file.is_relative_to(base) else str(file)
         sources.append(source)
         title = next((line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#")), None)
-        for i, piece in enumerate(chunk_text(text, size, overlap)):
+        for i, piece in enumerate(chunking.chunk_text(text, size, overlap)):
             meta = {"source": source, "chunk": i, **({"title": title} if title else {})}
             out.append((f"{source}#{i}", piece, meta))
     return out
 
 
 def _document_chunks(documents: Any, size: int, overlap: int) -> list[Chunk]:
+    from ..vector import chunking
+
     if not isinstance(documents, list):
         raise StepFailed(f"documents must be a list, got {type(documents).__name__}")
     out: list[Chunk] = []
@@ -291,7 +296,7 @@ def _document_chunks(documents: Any, size: int, overlap: int) -> list[Chunk]:
 
         base_id = str(doc.get("id") or hashlib.sha1(doc["content"].encode()).hexdigest()[:16])  # noqa: S324
         meta = doc.get("metadata") or {}
-        pieces = chunk_text(doc["content"], size, overlap)
+        pieces = chunking.chunk_text(doc["content"], size, overlap)
         for i, piece in enumerate(pieces):
             out.append((base_id if len(pieces) == 1 else f"{base_id}#{i}", piece, {**meta, "chunk": i}))
     return out

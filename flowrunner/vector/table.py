@@ -6,44 +6,17 @@ double-quoted. Values are always bound as parameters."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import StepFailed
-
-NAME = r"[A-Za-z_][A-Za-z0-9_]{0,62}"
-IDENT_PATTERN = rf"^{NAME}$"
-TABLE_PATTERN = rf"^{NAME}(\.{NAME})?$"
-_IDENT = re.compile(IDENT_PATTERN)
-_TABLE = re.compile(TABLE_PATTERN)
-
-METRICS = {  # metric: (operator, index opclass, distance -> score in the metric's natural direction)
-    "cosine": ("<=>", "vector_cosine_ops", "1 - distance"),
-    "inner_product": ("<#>", "vector_ip_ops", "-distance"),
-    "l2": ("<->", "vector_l2_ops", "distance"),
-}
-DEFAULT_COLUMNS = {"id": "id", "content": "content", "embedding": "embedding", "metadata": "metadata"}
-
-_COLUMN = {"type": "string", "pattern": IDENT_PATTERN,
-           "description": "a valid column name (letters, digits and _, at most 63)"}
-SCHEMA_FRAGMENT: dict[str, dict[str, Any]] = {
-    "table": {"anyOf": [{"type": "string", "pattern": TABLE_PATTERN,
-                         "description": "a valid table name (letters, digits and _, optionally schema.table)"},
-                        {"$ref": "#/$defs/reference"}],
-              "description": "table name, optionally schema.table"},
-    "columns": {
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {k: _COLUMN for k in DEFAULT_COLUMNS},
-        "description": "column names, default {id: id, content: content, embedding: embedding, metadata: metadata}",
-    },
-}
+from ..identifiers import is_ident, is_table
+from .properties import DEFAULT_COLUMNS, METRICS  # the schema's side, which `validate` imports alone
 
 
 def quote(name: str, what: str = "identifier") -> str:
-    if not isinstance(name, str) or not _IDENT.fullmatch(name):
+    if not is_ident(name):
         raise StepFailed(f"{what} {name!r} is not a valid name",
                          hint="use letters, digits and '_', starting with a letter or '_' (at most 63)")
     return f'"{name}"'
@@ -58,7 +31,7 @@ class VectorTable:
     @classmethod
     def from_props(cls, props: Mapping[str, Any]) -> VectorTable:
         table = props["table"]
-        if not isinstance(table, str) or not _TABLE.fullmatch(table):
+        if not is_table(table):
             raise StepFailed(f"table {table!r} is not a valid name",
                              hint="use letters, digits and '_' (schema.table allowed)")
         names = {**DEFAULT_COLUMNS, **(props.get("columns") or {})}
