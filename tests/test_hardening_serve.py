@@ -313,3 +313,14 @@ def test_the_request_line_shows_on_a_terminal_too(openai_server, llm, tmp_path) 
         proc.terminate()
         proc.wait(timeout=10)
         os.close(main)
+
+
+def test_the_serve_api_key_is_taken_without_surrounding_whitespace(serve, llm) -> None:
+    server = serve(CHAT_FLOW, "--api-key", " sk-serve-secret-4711\n")
+    reply = server.client(api_key="sk-serve-secret-4711").chat.completions.create(model=server.name,
+                                                                                  messages=user("hi"))
+    assert reply.choices[0].message.content == "Hello from the flowrunner test server."
+    with pytest.raises(openai.AuthenticationError):
+        server.client(api_key="sk-wrong").models.list()
+    server.stop()
+    assert "sk-serve-secret-4711" not in server.stderr

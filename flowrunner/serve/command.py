@@ -23,7 +23,9 @@ def serve(flow_path: Path, host: str, port: int, connections_file: Path | None, 
 
     flow = load_flow_with(flow_path, connections_file)
     chat = ChatInputs.of(flow, message_input)
-    api_key = api_key or os.environ.get("FLOWRUNNER_API_KEY") or None
+    # A key pasted with a line break (`$(cat key.txt)` keeps none, an env file may) is the key without it:
+    # clients send it bare, and an unstripped key would answer every one of them 401.
+    api_key = (api_key or os.environ.get("FLOWRUNNER_API_KEY") or "").strip() or None
     if api_key:
         from .. import secrets
 
