@@ -46,7 +46,10 @@ def git_changes(repo: Path) -> list[str]:
 
 
 def make(target: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "VIRTUAL_ENV", "FLOWRUNNER_"))}
+    # Also without the outer `make test`'s MAKELEVEL/MAKEFLAGS: a user runs `make demo` at the top level
+    # (a sub-make would print "make[1]: Leaving directory ..." after the demo's last line).
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("OPENAI_", "VIRTUAL_ENV", "FLOWRUNNER_", "MAKE", "MFLAGS"))}
     return subprocess.run(["make", target], cwd=cwd, env={**clean, **env}, capture_output=True, text=True,
                           timeout=900)
 
