@@ -395,3 +395,12 @@ def test_root_and_allowed_references_open_exactly_what_they_say(pg, llm, layout)
     assert inside.returncode == 0 and json.loads(inside.stdout)["ids"] == ["docs/a.md#0"], inside.stderr
     outside = run_cli("run", str(flow), "-i", "glob=../secret/*.md", env=env)
     assert outside.returncode == 1 and "lies outside the flow file's folder" in outside.stderr
+
+
+def test_a_glob_that_matches_nothing_does_not_name_the_servers_folder(pg, llm, layout) -> None:
+    out = run_cli("run", str(_flow(layout, "docs/*.txt")), env={**pg.env, "TEST_OPENAI_BASE_URL": llm.base_url})
+    assert out.returncode == 1
+    assert "no text or markdown files match docs/*.txt (relative to the flow file's folder)" in out.stderr
+    # The step's own message (what serve passes to a client) names no folder of the server's.
+    messages = [line.split(" failed: ", 1)[1] for line in out.stderr.splitlines() if " failed: " in line]
+    assert messages and not any(str(layout) in message for message in messages)

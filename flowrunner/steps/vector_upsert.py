@@ -264,15 +264,18 @@ def _file_chunks(globs: str | list[str], base: Path, root: _Root, size: int, ove
     for pattern in patterns:
         files.extend(m for m in _glob(pattern, base, root) if m not in files)
     if not files:
-        raise StepFailed(f"no text or markdown files match {', '.join(patterns)} (relative to {base})",
-                         hint=f"files are {', '.join(sorted(TEXT_SUFFIXES))}; globs are relative to the flow file's folder")
+        # The flow's folder by name, not its absolute path: through `serve` this message reaches a client.
+        raise StepFailed(f"no text or markdown files match {', '.join(patterns)} (relative to the flow file's folder)",
+                         hint=f"files are {', '.join(sorted(TEXT_SUFFIXES))}")
     out: list[Chunk] = []
     for file in files:
+        source = str(file.relative_to(base)) if file.is_relative_to(base) else str(file)
         try:
             text = file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise StepFailed(f"cannot read {file}: {e}") from None
-        source = str(file.relative_to(base)) if file.is_relative_to(base) else str(file)
+        except OSError as e:  # its strerror: str(e) would name the absolute path
+            raise StepFailed(f"cannot read {source}: {e.strerror or type(e).__name__}") from None
+        except UnicodeDecodeError:
+            raise StepFailed(f"cannot read {source}: it is not UTF-8 text", hint="save it as UTF-8") from None
         sources.append(source)
         title = next((line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#")), None)
         for i, piece in enumerate(chunking.chunk_text(text, size, overlap)):
