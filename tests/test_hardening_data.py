@@ -404,3 +404,25 @@ def test_a_glob_that_matches_nothing_does_not_name_the_servers_folder(pg, llm, l
     # The step's own message (what serve passes to a client) names no folder of the server's.
     messages = [line.split(" failed: ", 1)[1] for line in out.stderr.splitlines() if " failed: " in line]
     assert messages and not any(str(layout) in message for message in messages)
+
+
+def test_an_odbc_driver_that_is_not_installed_is_named_as_the_problem(pg, write_flow, tmp_path) -> None:
+    from tests.support.history import odbc_string
+
+    flow = write_flow("""
+version: 1
+name: missing-driver
+connections:
+  history: {type: sqlserver, odbc: "${env.MISSING_DRIVER_ODBC}"}
+steps:
+  - id: recall
+    type: history_load
+    connection: history
+    conversation_id: c
+""")
+    odbc = odbc_string(pg, DRIVER="{ODBC Driver 18 for SQL Server}", PWD="hunter2-secret")
+    out = run_cli("run", str(flow), env={"MISSING_DRIVER_ODBC": odbc})
+    assert out.returncode == 1, out.stderr
+    assert "cannot connect to SQL Server" in out.stderr
+    assert "the ODBC driver named by DRIVER= is not installed" in out.stderr  # not "check SERVER, DATABASE..."
+    assert "hunter2" not in out.stderr and "Traceback" not in out.stderr

@@ -267,6 +267,7 @@ def run_record_replay(copy: Shell, block: str, what: str, llm) -> None:
     kinds = [json.loads(line).get("kind", "chat") for line in recording]
     assert kinds == ["embedding", "history", "chat"]
     assert "not saved: the model was not called" in out.stderr
+    assert out.stdout.count("stopped the embedded PostgreSQL in ") == 2  # after recording, after replaying
 
 
 def run_cron_line(copy: Shell, line: str, what: str) -> None:

@@ -98,7 +98,9 @@ async def open_sqlserver(conn: ResolvedConnection, stack: AsyncExitStack) -> Thr
         if first is not None:
             first.close()
         hint = "check SERVER, DATABASE and the credentials, and that the server is reachable"
-        if sqlstate(e) == "IM002":
+        # IM002: no such DSN or driver entry; unixODBC says "Can't open lib" (SQLSTATE 01000) for a DRIVER=
+        # name that odbcinst.ini does not list or whose library is missing.
+        if sqlstate(e) == "IM002" or "Can't open lib" in str(e):
             hint = ("the ODBC driver named by DRIVER= is not installed (odbcinst -q -d lists them; Microsoft's is "
                     "'ODBC Driver 18 for SQL Server', FreeTDS's 'FreeTDS')")
         raise FlowRuntimeError(Problem(f"cannot connect to SQL Server at {where}: {odbc_message(e)}",
