@@ -294,7 +294,7 @@ class Run:
             allowed = STEP_TYPES[spec.type].connection_types
             if "connection" in templated and allowed:  # a name from a reference: declared, and of the right type?
                 self.connections.check(props["connection"], allowed, f"a {spec.type} step",
-                                       f"connection {_text_of(spec.props['connection'])} is {props['connection']!r}")
+                                       f"connection {spec.props['connection'].written} is {props['connection']!r}")
         timeout = refs.resolve(spec.timeout, scope)
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
             raise FlowRuntimeError(Problem(f"timeout must be a positive number of seconds, got {timeout!r}"))
@@ -350,8 +350,3 @@ def _message(e: BaseException, timeout: float | None) -> str:
     if isinstance(e, FlowError):
         return e.message
     return str(e)
-
-
-def _text_of(template: refs.Template) -> str:
-    """A template as written in the flow (e.g. ${inputs.db})."""
-    return "".join(p if isinstance(p, str) else p.text for p in template.parts)

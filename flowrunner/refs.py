@@ -62,6 +62,11 @@ class Template:
     def whole(self) -> Ref | None:
         return self.parts[0] if len(self.parts) == 1 and isinstance(self.parts[0], Ref) else None
 
+    @property
+    def written(self) -> str:
+        """The template as written in the flow (e.g. ${inputs.db}), for messages."""
+        return "".join(p if isinstance(p, str) else p.text for p in self.parts)
+
 
 def parse(text: str) -> Template | str:
     """Parse a string; a plain string (with `$${` unescaped) comes back when it holds no reference."""

@@ -406,7 +406,7 @@ def test_a_glob_that_matches_nothing_does_not_name_the_servers_folder(pg, llm, l
     assert messages and not any(str(layout) in message for message in messages)
 
 
-def test_an_odbc_driver_that_is_not_installed_is_named_as_the_problem(pg, write_flow, tmp_path) -> None:
+def test_an_odbc_driver_that_is_not_installed_is_named_as_the_problem(pg, write_flow) -> None:
     from tests.support.history import odbc_string
 
     flow = write_flow("""
