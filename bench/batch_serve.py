@@ -74,15 +74,21 @@ def question(i: int) -> str:
 
 
 @contextmanager
-def model_server(text: str, delay: float) -> Iterator[str]:
+def model_server(text: str, delay: float, *args: str) -> Iterator[str]:
+    with model_server_process(text, delay, *args) as (_proc, url):
+        yield url
+
+
+@contextmanager
+def model_server_process(text: str, delay: float, *args: str) -> Iterator[tuple[subprocess.Popen, str]]:
     # The standalone test server answers every chat request with Reply(text=text, chunk_delay=delay).
     proc = subprocess.Popen([sys.executable, "-m", "tests.support.openai_server", "--chunk-delay", str(delay),
-                             "--text", text], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+                             "--text", text, *args], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         url = proc.stdout.readline().strip()  # type: ignore[union-attr]
         if not url:
             raise SystemExit("the test server did not start")
-        yield url
+        yield proc, url
     finally:
         stop(proc)
 
@@ -209,10 +215,18 @@ def bench_batch(url: str, tmp: Path, flow: Path, args: argparse.Namespace, expec
 
 @contextmanager
 def flowrunner_serve(flow: Path, env: dict[str, str], tmp: Path) -> Iterator[str]:
+    with serve_process(flow, env, tmp) as (_proc, url):
+        yield url
+
+
+@contextmanager
+def serve_process(flow: Path, env: dict[str, str], tmp: Path, *args: str,
+                  **popen: Any) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`flowrunner serve FLOW --port 0 ARGS...` (`popen`: more for subprocess.Popen), once it serves."""
     log = tmp / "serve.log"
     with open(log, "w") as err:
-        proc = subprocess.Popen([str(EXE), "serve", str(flow), "--port", "0"], cwd=ROOT, env=env,
-                                stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen([str(EXE), "serve", str(flow), "--port", "0", *args], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=err, **popen)
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -222,7 +236,7 @@ def flowrunner_serve(flow: Path, env: dict[str, str], tmp: Path) -> Iterator[str
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"flowrunner serve did not start:\n{log.read_text()[-2000:]}")
             time.sleep(0.02)
-        yield match.group(1)
+        yield proc, match.group(1)
     finally:
         stop(proc)
 

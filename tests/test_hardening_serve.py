@@ -24,15 +24,7 @@ from tests.test_serve import CHAT_FLOW, LLM_CONNECTION, SYSTEM, Server, serve, t
 
 def request_lines(server: Server) -> list[dict]:
     """The JSON `request` log lines serve wrote so far."""
-    out = []
-    for line in list(server.lines):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("event") == "request":
-            out.append(record)
-    return out
+    return server.events("request")
 
 
 def wait_for_request_lines(server: Server, count: int) -> list[dict]:

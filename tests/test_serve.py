@@ -106,6 +106,18 @@ class Server:
     def stderr(self) -> str:
         return "".join(self.lines)
 
+    def events(self, event: str) -> list[dict]:
+        """serve's JSON log lines of `event` (e.g. "request") so far."""
+        out = []
+        for line in list(self.lines):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("event") == event:
+                out.append(record)
+        return out
+
     def client(self, kind: type = openai.OpenAI, **kw):
         """The real SDK (openai.OpenAI, or kind=openai.AsyncOpenAI) pointed at the served flow, no retries."""
         return kind(base_url=self.url, **{"api_key": "sk-client", "max_retries": 0, "timeout": 30, **kw})
@@ -131,15 +143,15 @@ class Server:
         return self.wait(timeout=10)
 
 
-@pytest.fixture
-def serve(openai_server, tmp_path):
-    """serve(flow_text, *args): a serve process for this test only, stopped at teardown."""
+def serving(base_url: str, folder: Path, *extra: str):
+    """The `serve` fixtures' body (here, and with --workers in test_serve_workers.py): start(flow_text,
+    *args) starts a serve process with `extra` and `args`; each is stopped at teardown."""
     started: list[Server] = []
 
     def start(flow_text: str, *args: str) -> Server:
-        flow = tmp_path / f"flow{len(started)}.yaml"
+        flow = folder / f"flow{len(started)}.yaml"
         flow.write_text(flow_text, encoding="utf-8")
-        started.append(Server(flow, openai_server.base_url, *args))
+        started.append(Server(flow, base_url, *extra, *args))
         return started[-1]
 
     yield start
@@ -147,14 +159,23 @@ def serve(openai_server, tmp_path):
         server.stop()
 
 
+@pytest.fixture
+def serve(openai_server, tmp_path):
+    """serve(flow_text, *args): a serve process for this test only, stopped at teardown."""
+    yield from serving(openai_server.base_url, tmp_path)
+
+
 @pytest.fixture(scope="module")
 def chat_server(openai_server, tmp_path_factory):
     """The chat flow, served once for the module; each test scripts the model through `llm`."""
-    flow = tmp_path_factory.mktemp("serve") / "chat.yaml"
-    flow.write_text(CHAT_FLOW, encoding="utf-8")
-    server = Server(flow, openai_server.base_url)
-    yield server
-    server.stop()
+    yield from served_once(openai_server.base_url, tmp_path_factory.mktemp("serve"))
+
+
+def served_once(base_url: str, folder: Path, *extra: str):
+    """The `chat_server` fixtures' body: CHAT_FLOW served with `extra`, stopped at teardown."""
+    servers = serving(base_url, folder, *extra)
+    yield next(servers)(CHAT_FLOW)
+    next(servers, None)  # stops it
 
 
 @pytest.fixture

@@ -13,11 +13,21 @@ from typing import Any
 
 from ..engine import Run
 from ..errors import FlowError, FlowRuntimeError, Problem
-from ..events import StepFinished, StreamStarted, TextDelta, Usage, add_usage
+from ..events import ReasoningDelta, StepFinished, StreamStarted, TextDelta, Usage, add_usage
 from .usage import LOCAL, MIXED, MODEL, count_locally
 
 END = None  # queued when the run is over
 STARTED = object()  # queued once, when the model accepted the request: the response can start
+
+
+class Thought:
+    """A reasoning model's thinking in the queue (a str there is the answer's text): sent to the
+    client as delta.reasoning_content."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
 
 
 class Answer:
@@ -25,7 +35,7 @@ class Answer:
         self.run = run
         self.queue: asyncio.Queue[object] = asyncio.Queue()
         self.parts: list[str] = []
-        self.usage: dict[str, int] = {}
+        self.usage: dict[str, Any] = {}  # token counts, and their details (nested)
         self.finish_reason: str | None = None
         self.refusal: str | None = None  # the model refused: sent as delta.refusal / message.refusal
         self.first_token_at: float | None = None  # time.monotonic() of the first text delta
@@ -35,6 +45,8 @@ class Answer:
         self.stopped = False
         self.streaming = False  # the model has accepted the request
         self.deliver: Callable[[str], Awaitable[None]] | None = None  # set by a response that streams
+        self.reasoning: list[str] = []  # a reasoning model's thinking: message.reasoning_content
+        self.deliver_reasoning: Callable[[str], Awaitable[None]] | None = None  # set with `deliver`
 
     def start(self) -> Answer:
         self.task = asyncio.create_task(self._pump(), name=f"flowrunner run {self.run.run_id}")
@@ -53,6 +65,8 @@ class Answer:
                             self.queue.put_nowait(event.text)  # type: ignore[attr-defined]
                         else:  # no hop through the queue and another task: the delta goes out now
                             await self.deliver(event.text)  # type: ignore[attr-defined]
+                    elif kind is ReasoningDelta:
+                        await self._thought(event.text)  # type: ignore[attr-defined]
                     elif kind is StreamStarted and not self.streaming:
                         self.streaming = True
                         self.queue.put_nowait(STARTED)
@@ -69,18 +83,28 @@ class Answer:
         finally:
             self.queue.put_nowait(END)
 
+    async def _thought(self, text: str) -> None:
+        self.reasoning.append(text)
+        if self.deliver_reasoning is None:
+            self.queue.put_nowait(Thought(text))
+        else:
+            await self.deliver_reasoning(text)
+
     def _step_finished(self, event: StepFinished) -> None:
+        if event.items is not None:  # a for_each step's own end (its outputs are lists): its items counted
+            return
         outputs = event.outputs
         if outputs.get("finish_reason"):
             self.finish_reason = str(outputs["finish_reason"])
             self.refusal = outputs.get("refusal") or self.refusal
-        messages = self.run.chat_messages.get(event.step)
+        messages = self.run.chat_messages.get(event.step if event.item is None else f"{event.step}[{event.item}]")
         if messages is None or event.status == "skipped":
             return  # not a chat call
         if outputs.get("usage"):
             self.usage_source = MODEL
         elif event.status == "ok" or outputs.get("text"):  # answered, if only in part: the model worked
-            self._uncounted.append((messages, str(outputs.get("text") or "") + str(outputs.get("refusal") or "")))
+            self._uncounted.append((messages, str(outputs.get("text") or "") + str(outputs.get("refusal") or "")
+                                    + str(outputs.get("reasoning") or "")))  # thinking is generated tokens too
 
     async def wait(self) -> None:
         if self.task is None:
@@ -115,7 +139,9 @@ class Answer:
 
     @property
     def text(self) -> str:
-        if self.parts or self.refusal:  # a refusal is the answer: never the flow's outputs as JSON
+        # A refusal is the answer, and so is an empty answer after thinking: never the flow's outputs
+        # as JSON (which would hold the thinking in the content).
+        if self.parts or self.refusal or self.reasoning:
             return "".join(self.parts)
         from ..conversation import outputs_as_answer
 

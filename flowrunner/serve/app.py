@@ -1,8 +1,9 @@
 """`flowrunner serve`: the flow as an OpenAI-compatible chat-completions endpoint (Starlette).
 
 POST /v1/chat/completions   stream true (SSE) or false; the flow's text deltas become chunks at once
+POST /v1/responses          the same, in the Responses API's shapes (responses_api.py)
 GET  /v1/models             the served flow, as a model
-GET  /healthz               liveness
+GET  /healthz               readiness: 503 while the server drains (drain.py)
 
 A client that disconnects cancels its run, which closes the model's stream upstream.
 """
@@ -11,11 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import math
-import re
+import os
 import time
 from collections.abc import Awaitable, Callable
-from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,36 +28,48 @@ from starlette.routing import Route
 from .. import secrets
 from ..conversation import ChatInputs
 from ..engine import Run
-from ..errors import FlowDefinitionError, FlowError
+from ..errors import FlowDefinitionError
 from ..files import DEFAULT_MAX_BODY
-from ..llm.errors import RETRY_AFTER_HEADERS
+from .admission import Admission, Refused
 from .answer import END, Answer
+from .cors import with_cors
 from .limits import read_body
-from .openai_api import DONE, KEEPALIVE, BadRequest, Shapes, error_body, parse_request, read_json
+from .openai_api import BadRequest, Shapes, error_body, parse_request, read_json
+from .outcome import failure as _failure
+from .outcome import log_request as _log_request
+from .outcome import log_run as _log
+from .outcome import retry_after as _retry_after
+from .responses_api import ResponsesShapes, parse_responses_request
+from .stream import CLIENT_GONE, EventStream, disconnected, first_item
 
 log = structlog.get_logger("flowrunner.serve")
-
-SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
-               (b"x-accel-buffering", b"no")]  # nginx and friends: pass each chunk on, do not buffer
-CLIENT_GONE = 499  # nginx's code for "the client closed the request"; only ever in our logs
 
 
 @dataclass
 class Served:
     chat: ChatInputs
     connections: Any  # connections.pool.Connections, shared by every request
-    api_key: str | None = None
+    api_key: str | tuple[str, ...] | None = None  # several: each client its own (admission.py limits each)
     keepalive: float = 15.0  # seconds of silence before a `: keep-alive` comment
     max_body_size: int = DEFAULT_MAX_BODY  # bytes; a larger request is a 413
     started: int = 0
     active: set[Answer] = field(default_factory=set)  # runs in flight: stopped when the server shuts down
+    admission: Admission | None = None  # --max-concurrent-streams and the per-key limits
+    cors_origins: tuple[str, ...] = ()  # --cors-origin: off when empty
+    draining: bool = False  # SIGTERM: new requests get 503 while the runs in flight finish (drain.py)
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        key = self.api_key
+        return () if not key else (key,) if isinstance(key, str) else tuple(key)
 
     @property
     def name(self) -> str:
         return self.chat.flow.name
 
 
-def create_app(served: Served) -> Starlette:
+def create_app(served: Served) -> Any:
+    """The ASGI app: Starlette's, behind the CORS layer when --cors-origin is given."""
     served.started = served.started or int(time.time())
 
     async def models(request: Request) -> Response:
@@ -77,16 +88,34 @@ def create_app(served: Served) -> Starlette:
         return JSONResponse(_model(served))
 
     async def healthz(_request: Request) -> Response:
-        return JSONResponse({"status": "ok", "flow": served.name})
+        if served.draining:  # not ready: a load balancer sends the next request elsewhere
+            return JSONResponse({"status": "draining", "flow": served.name, "pid": os.getpid()}, 503,
+                                headers={"retry-after": "1"})  # no `connection: close`: a probe's connection stays
+        # pid: which process answered (serve --workers: each worker is one)
+        return JSONResponse({"status": "ok", "flow": served.name, "pid": os.getpid()})
 
-    async def completions(request: Request) -> Response:
+    def endpoint(parse: Callable[[Any, Any, ChatInputs], Any],
+                 make_shapes: Callable[[str, Any], Any]) -> Callable[[Request], Awaitable[Response]]:
+        """A handler that runs the flow for one turn: chat completions and the Responses API differ
+        only in how the request is read (`parse`) and the shapes of the answer (`make_shapes`)."""
+        async def handle(request: Request) -> Response:
+            return await _turn(request, parse, make_shapes)
+        return handle
+
+    async def _turn(request: Request, parse: Callable[[Any, Any, ChatInputs], Any],
+                    make_shapes: Callable[[str, Any], Any]) -> Response:
         request.state.started = started = time.monotonic()
-        _authorize(request, served)
+        path = request.url.path
+        key = _authorize(request, served)
+        if served.draining:
+            raise Refused("the server is shutting down: send the request again", 503, "server_error",
+                          "server_shutting_down", _DRAINING_HEADERS)
         body = read_json(await read_body(request, served.max_body_size))
-        req = parse_request(body, request.headers.get("x-conversation-id"))
+        req = parse(body, request.headers, served.chat)
         try:
             inputs, client_history = served.chat.turn(req.text, conversation_id=req.conversation_id,
-                                                      earlier=req.earlier, extra=req.inputs)
+                                                      earlier=req.earlier, extra=req.inputs,
+                                                      images=getattr(req, "images", None))
         except FlowDefinitionError as e:
             raise BadRequest("; ".join(p.message for p in e.problems), "inputs") from None
         # Cancelled (the client left, or the server is shutting down), the run stops at once: no one reads
@@ -94,35 +123,41 @@ def create_app(served: Served) -> Starlette:
         # saved half (a conversation it names); with the client's own history nothing is saved anyway.
         run = Run(served.chat.flow, inputs, connections=served.connections, client_history=client_history,
                   grace_on_cancel=False)
-        shapes = Shapes(served.name)
+        shapes = make_shapes(served.name, req)
+        # Or a 429. Counted in last, right before the run's task that counts it out: nothing between can fail.
+        release = served.admission.admit(key) if served.admission is not None else None
         answer = Answer(run).start()
         served.active.add(answer)
         answer.task.add_done_callback(lambda _task: served.active.discard(answer))  # type: ignore[union-attr]
-        gone = asyncio.create_task(_disconnected(request))
+        if release is not None:
+            answer.task.add_done_callback(release)  # type: ignore[union-attr]
+        gone = asyncio.create_task(disconnected(request))
         handed_over = False
         try:
             if req.stream:
-                first = await _first(answer, gone, served.keepalive)
+                first = await first_item(answer, gone, served.keepalive)
             else:
                 await asyncio.wait({answer.task, gone}, return_when=asyncio.FIRST_COMPLETED)  # type: ignore[arg-type]
                 first = END
             if gone.done():
                 await answer.cancel()
-                _log(answer, CLIENT_GONE, req.stream, started)
+                _log(answer, CLIENT_GONE, req.stream, started, path)
                 return Response(status_code=CLIENT_GONE)
             if first is END:
                 await answer.wait()
                 # A plain answer that broke half-way is a failure too: never a 200 that claims "stop".
                 if answer.failure is not None and (not answer.parts or not req.stream):
                     status, payload = _failure(answer.failure)
-                    _log(answer, status, req.stream, started)
+                    _log(answer, status, req.stream, started, path)
                     return JSONResponse(payload, status, headers=_retry_after(answer.failure))
                 if not req.stream:
-                    _log(answer, 200, False, started)
+                    _log(answer, 200, False, started, path)
+                    thinking = {"reasoning": "".join(answer.reasoning)} if answer.reasoning and hasattr(
+                        shapes, "reasoning_chunk") else {}  # message.reasoning_content, where the protocol has it
                     return JSONResponse(shapes.completion(answer.text, answer.finish_reason or "stop", answer.usage,
-                                                          answer.refusal))
+                                                          answer.refusal, **thinking))
             handed_over = True  # the stream owns the run and the disconnect watch from here
-            return EventStream(answer, shapes, first, gone, req.include_usage, served.keepalive, started)
+            return EventStream(answer, shapes, first, gone, req.include_usage, served.keepalive, started, path)
         finally:
             if not handed_over:
                 gone.cancel()
@@ -132,123 +167,32 @@ def create_app(served: Served) -> Starlette:
         if not isinstance(exc, BadRequest):  # registered for BadRequest only
             raise exc
         _log_request(request, exc.status, exc.message)
-        return JSONResponse(exc.body(), exc.status)
+        return JSONResponse(exc.body(), exc.status, headers=getattr(exc, "headers", None))
 
     async def http_error(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 500)
-        message = "Not found: flowrunner serves /v1/chat/completions, /v1/models and /healthz" if status == 404 \
+        message = "Not found: flowrunner serves /v1/chat/completions, /v1/responses, /v1/models and /healthz" \
+            if status == 404 \
             else str(getattr(exc, "detail", "")) or "error"
         _log_request(request, status, message)
         return JSONResponse(error_body(message, "invalid_request_error"), status)
 
-    return Starlette(
-        routes=[Route("/v1/chat/completions", _guarded(completions), methods=["POST"]),
+    chat = endpoint(lambda body, headers, chat_inputs: parse_request(body, headers.get("x-conversation-id"),
+                                                                     images=chat_inputs.images is not None),
+                    lambda name, _req: Shapes(name))
+    responses = endpoint(parse_responses_request, ResponsesShapes)
+    app = Starlette(
+        routes=[Route("/v1/chat/completions", _guarded(chat), methods=["POST"]),
+                Route("/v1/responses", _guarded(responses), methods=["POST"]),
                 Route("/v1/models", models, methods=["GET"]),
                 Route("/v1/models/{model:path}", model, methods=["GET"]),
                 Route("/healthz", healthz, methods=["GET"])],
         exception_handlers={BadRequest: bad_request, HTTPException: http_error},
     )
+    return with_cors(app, served.cors_origins)
 
 
-class EventStream(Response):
-    """The SSE body: the role chunk, then the deltas. Those that queued up before the model's stream
-    began go out in one write; from then on the run's task writes each delta itself as it arrives
-    (Answer.deliver), while this one sends keep-alive comments in silences. Then the finish chunk,
-    usage when asked, and [DONE]. A failure after the first byte is an `error` event (the SDKs raise it)."""
-
-    def __init__(self, answer: Answer, shapes: Shapes, first: str | None | object, gone: asyncio.Task[None],
-                 include_usage: bool, keepalive: float, started: float) -> None:
-        super().__init__()
-        self.answer, self.shapes, self.first, self.gone = answer, shapes, first, gone
-        self.include_usage, self.keepalive, self.started = include_usage, keepalive, started
-        self.last_write = 0.0
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        body = asyncio.create_task(self._body(send))
-        status = 200
-        try:
-            await asyncio.wait({body, self.gone}, return_when=asyncio.FIRST_COMPLETED)
-            if not body.done():  # the client went away: stop the run, which closes the model stream
-                status = CLIENT_GONE
-                body.cancel()
-                with suppress(asyncio.CancelledError, OSError):
-                    await body
-            else:
-                with suppress(OSError):  # a client that left mid-write
-                    body.result()
-        finally:
-            self.gone.cancel()
-            body.cancel()
-            await self.answer.cancel()
-            _log(self.answer, status, True, self.started)
-
-    async def _write(self, send: Any, data: bytes) -> None:
-        self.last_write = time.monotonic()
-        await send({"type": "http.response.body", "body": data, "more_body": True})
-
-    async def _deliver(self, send: Any, text: str) -> None:
-        """Called by the run's task. A client that left mid-write: the disconnect watch ends the run."""
-        with suppress(OSError):
-            await self._write(send, self.shapes.content_chunk(text))
-
-    async def _keep_alive(self, send: Any) -> None:
-        """Until the run ends: a keep-alive comment after each `keepalive` seconds without a write."""
-        task = self.answer.task
-        while not task.done():  # type: ignore[union-attr]
-            quiet = time.monotonic() - self.last_write
-            if quiet >= self.keepalive:
-                await self._write(send, KEEPALIVE)
-                continue
-            await asyncio.wait({task}, timeout=self.keepalive - quiet)  # type: ignore[arg-type]
-
-    async def _body(self, send: Any) -> None:
-        answer, shapes, queue = self.answer, self.shapes, self.answer.queue
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [*SSE_HEADERS, (b"x-flowrunner-run-id", answer.run.run_id.encode())]})
-        data, item = shapes.role_chunk(), self.first
-        while True:
-            while True:  # what has queued up goes out in one write
-                if isinstance(item, str):
-                    data += shapes.content_chunk(item)
-                if item is END or queue.empty():
-                    break
-                item = queue.get_nowait()
-            if data:
-                await self._write(send, data)
-                data = b""
-            if item is END:
-                break
-            if not queue.empty():  # more came in during the write
-                item = queue.get_nowait()
-                continue
-            if answer.streaming:  # the model streams: from here on the run's task writes each delta
-                answer.deliver = lambda text: self._deliver(send, text)
-                await self._keep_alive(send)
-                break
-            try:
-                async with asyncio.timeout(self.keepalive):
-                    item = await queue.get()
-            except TimeoutError:
-                item, data = _WAITING, KEEPALIVE
-        await answer.wait()
-        failure = answer.failure
-        if failure is None and not answer.parts and answer.text:  # a flow with no chat step: its outputs
-            await send({"type": "http.response.body", "body": shapes.content_chunk(answer.text), "more_body": True})
-        if failure is not None:
-            status, payload = _failure(failure)
-            error = payload["error"]
-            tail = shapes.error_event(error["message"], error["type"], error["code"])
-        else:
-            # The model's refusal, in one piece at the end (the flow's steps see it once the step ends).
-            tail = shapes.refusal_chunk(answer.refusal) if answer.refusal else b""
-            tail += shapes.finish_chunk(answer.finish_reason or "stop")
-            if self.include_usage:
-                tail += shapes.usage_chunk(answer.usage)
-            tail += DONE
-        await send({"type": "http.response.body", "body": tail, "more_body": False})
-
-
-_WAITING = object()  # no delta yet: the response has started, the run has not spoken
+_DRAINING_HEADERS = {"retry-after": "1", "connection": "close"}  # go elsewhere: this process is ending
 
 
 def _guarded(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
@@ -268,80 +212,21 @@ def _guarded(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Req
     return guarded
 
 
-async def _first(answer: Answer, gone: asyncio.Task[None], wait: float) -> str | None | object:
-    """STARTED (the model accepted the request), the first delta, END, or _WAITING after `wait` seconds
-    (the response then starts, so keep-alive comments can hold the connection open through a slow
-    retrieval). Until then a failure (a bad input, the model's 429...) is still an HTTP error status;
-    after, an error event. The head goes out while the model thinks, so the first token is one write."""
-    get = asyncio.ensure_future(answer.queue.get())
-    try:
-        await asyncio.wait({get, gone}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not get.done():
-            get.cancel()
-    return get.result() if get.done() and not get.cancelled() else _WAITING
-
-
-async def _disconnected(request: Request) -> None:
-    """Returns when the client disconnects (the body was read already, so only that message is left)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-def _authorize(request: Request, served: Served) -> None:
-    if served.api_key is None:
-        return
+def _authorize(request: Request, served: Served) -> int | None:
+    """The index of the client's key among --api-key's (its limits are its own); None: no key needed."""
+    keys = served.keys
+    if not keys:
+        return None
     given = request.headers.get("authorization", "")
     scheme, _, token = given.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), served.api_key.encode()):
-        raise BadRequest("Incorrect API key provided" if given else "Missing API key: send Authorization: Bearer KEY",
-                         None, 401, code="invalid_api_key")
-
-
-def _failure(error: FlowError) -> tuple[int, dict[str, Any]]:
-    status = getattr(error, "http_status", 500)
-    if isinstance(error, FlowDefinitionError):
-        status = 500  # the flow's own set-up (a missing env var...), not the client's request
-    kind = {400: "invalid_request_error", 429: "rate_limit_exceeded"}.get(status, "server_error")
-    message = secrets.redact("; ".join(p.message for p in error.problems))
-    return status, error_body(message, kind, None, "rate_limit_exceeded" if status == 429 else None)
-
-
-_HEADER_VALUE = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,63}")  # a plain, short header value: nothing to smuggle
-
-
-def _retry_after(error: FlowError) -> dict[str, str] | None:
-    """A 429's Retry-After (and retry-after-ms, which the openai SDKs prefer) as the model's server
-    sent them; with only retry-after-ms, Retry-After is its seconds, rounded up."""
-    given = getattr(error, "http_headers", None)
-    if getattr(error, "http_status", None) != 429 or not given:
-        return None
-    out = {k: v for k, v in given.items() if k in RETRY_AFTER_HEADERS and _HEADER_VALUE.fullmatch(v)}
-    if "retry-after" not in out and "retry-after-ms" in out:
-        try:
-            out["retry-after"] = str(max(0, math.ceil(float(out["retry-after-ms"]) / 1000)))
-        except (ValueError, OverflowError):  # nan, inf: no Retry-After of ours either
-            pass
-    return out or None
+    sent = token.strip().encode()
+    # Every key is compared, in constant time each: how long a refusal takes says nothing of which key is near.
+    matches = [i for i, key in enumerate(keys) if hmac.compare_digest(sent, key.encode())]
+    if scheme.lower() == "bearer" and matches:
+        return matches[0]
+    raise BadRequest("Incorrect API key provided" if given else "Missing API key: send Authorization: Bearer KEY",
+                     None, 401, code="invalid_api_key")
 
 
 def _model(served: Served) -> dict[str, Any]:
     return {"id": served.name, "object": "model", "created": served.started, "owned_by": "flowrunner"}
-
-
-def _log(answer: Answer, status: int, stream: bool, started: float) -> None:
-    """The one `request` line of a chat completion (info: shown at the default level, see command.py)."""
-    usage, first = answer.usage, answer.first_token_at
-    log.info("request", status=status, stream=stream, duration=round(time.monotonic() - started, 3),
-             ttft=None if first is None else round(first - started, 3), prompt_tokens=usage.get("prompt_tokens"),
-             completion_tokens=usage.get("completion_tokens"), total_tokens=usage.get("total_tokens"),
-             usage=answer.usage_source, run_id=answer.run.run_id)
-
-
-def _log_request(request: Request, status: int, error: str | None = None) -> None:
-    """The `request` line of a request that ran no flow: a refused one, /v1/models."""
-    started = getattr(request.state, "started", None)
-    fields: dict[str, Any] = {"path": request.url.path} if request.url.path != "/v1/chat/completions" else {}
-    log.info("request", status=status, **fields,
-             duration=None if started is None else round(time.monotonic() - started, 3),
-             **({"error": error} if error else {}))

@@ -1,5 +1,6 @@
-"""The request body limit of `serve` (--max-body-size): checked against Content-Length before
-reading, and while reading, so a chunked body that never ends is cut off too.
+"""What a request body of `serve` may be: JSON (Content-Type: application/json), and at most
+--max-body-size, checked against Content-Length before reading, and while reading, so a chunked body
+that never ends is cut off too.
 
 The default (files.DEFAULT_MAX_BODY), 4 MiB, holds about eight times the text of a full 128k-token
 context (some 512 KB), while a few hundred concurrent requests still cannot exhaust the memory.
@@ -12,6 +13,7 @@ from typing import Any
 
 from ..files import GIB, KIB, MIB, format_size
 from .openai_api import BadRequest
+
 _SIZE = re.compile(r"\s*(\d{1,15})\s*(b|k|kb|kib|m|mb|mib|g|gb|gib)?\s*", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": KIB, "kib": KIB, "kb": 1000, "m": MIB, "mib": MIB, "mb": 1000**2,
           "g": GIB, "gib": GIB, "gb": 1000**3}
@@ -34,7 +36,15 @@ def _too_large(limit: int) -> BadRequest:
 
 
 async def read_body(request: Any, limit: int) -> bytes:
-    """The body of a starlette Request, or BadRequest (413) once it is over `limit` bytes."""
+    """The body of a starlette Request, or BadRequest: 413 once it is over `limit` bytes, 415 when it
+    is not declared JSON. A web page can send any other page's visitors' browsers to POST text/plain
+    (or a typeless Blob) across origins without a CORS preflight, and without --api-key that would
+    start a run: only application/json needs the preflight that --cors-origin answers."""
+    given = request.headers.get("content-type", "")
+    if given.partition(";")[0].strip().lower() != "application/json":
+        shown = repr(given[:60]) if given else "none"
+        raise BadRequest(f"the request body must be JSON, sent with Content-Type: application/json (got {shown})",
+                         None, 415, code="unsupported_media_type")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and (len(declared) > 15 or int(declared) > limit):
         raise _too_large(limit)
