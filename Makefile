@@ -63,7 +63,7 @@ test: system $(STAMP)
 	$(BIN)/python -m pytest
 
 bench: system $(STAMP)
-	for b in startup chat_stream vector_search history batch_serve; do $(BIN)/python bench/$$b.py || exit 1; done
+	for b in startup chat_stream vector_search history batch_serve parallel_ttft serve_capacity; do $(BIN)/python bench/$$b.py || exit 1; done
 
 schema: $(RUNSTAMP)
 	$(BIN)/flowrunner schema > schemas/flow.schema.json

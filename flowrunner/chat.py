@@ -76,13 +76,14 @@ async def _turn(chat: Any, connections: Any, text: str, conversation: str, earli
                 extra: dict[str, str], obj: dict[str, Any]) -> str | None:
     """Runs the flow for one message; streams the answer; returns it, or None when the run failed."""
     from .engine import Run
+    from .sinks.reasoning import show_reasoning
     from .sinks.stdout import StdoutSink
 
     inputs, client_history = chat.turn(text, conversation_id=conversation, earlier=earlier, extra=extra,
                                        extra_is_text=True)
     # Ctrl-C stops the answer; the run_on_failure steps still save the turn the user saw.
     run = Run(chat.flow, inputs, connections=connections, client_history=client_history, grace_on_cancel=True)
-    sink = StdoutSink()
+    sink = show_reasoning(StdoutSink(), obj.get("show_reasoning", False))
     parts: list[str] = []
     async with aclosing(run.events()) as events:
         async for event in events:

@@ -107,6 +107,9 @@ _FILE = click.Path(dir_okay=False, path_type=Path)
 _FOLDER = click.Path(file_okay=False, path_type=Path)
 _CONNECTIONS = click.option("--connections", "connections_file", type=_FILE,
                             help="Connections from a separate YAML file (they override the flow's own).")
+_SHOW_REASONING = click.option("--show-reasoning", is_flag=True,
+                               help="Show a reasoning model's thinking on stderr as it arrives (dimmed on a "
+                                    "terminal); the answer alone goes to stdout.")
 
 
 @cli.command()
@@ -126,15 +129,17 @@ _CONNECTIONS = click.option("--connections", "connections_file", type=_FILE,
               help="Save the model's streamed replies (and embeddings) to FILE, for --replay.")
 @click.option("--replay", type=_FILE, metavar="FILE",
               help="Play the replies recorded in FILE instead of calling the model (offline, deterministic).")
+@_SHOW_REASONING
 @click.pass_obj
 def run(obj: dict[str, Any], flow: Path, pairs: tuple[str, ...], inputs_file: Path | None,
         connections_file: Path | None, sink: str | None, output_format: str, dry_run: bool,
-        record: Path | None, replay: Path | None) -> int:
+        record: Path | None, replay: Path | None, show_reasoning: bool) -> int:
     """Run FLOW once; the streamed text goes to stdout as it arrives, logs to stderr."""
     from .runner import llm_mode, run_once
 
     mode = llm_mode(dry_run, record, replay)
-    return run_once(flow, pairs, inputs_file, connections_file, sink, output_format, obj, mode)
+    return run_once(flow, pairs, inputs_file, connections_file, sink, output_format, obj, mode,
+                    show_reasoning=show_reasoning)
 
 
 @cli.command()
@@ -181,27 +186,77 @@ def _body_size(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
         raise click.BadParameter(str(e)) from None
 
 
+def _cors_origins(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+    if not values:
+        return values
+    from .serve.cors import check_origin
+
+    try:
+        return tuple(dict.fromkeys(check_origin(v) for v in values))
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _rpm(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    from .serve.admission import parse_rpm
+
+    try:
+        return parse_rpm(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _workers(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
+    if value == "1":
+        return 1
+    from .serve.workers import worker_count
+
+    try:
+        return worker_count(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 @cli.command()
 @click.argument("flow", type=_FLOW)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
-@click.option("--api-key", envvar="FLOWRUNNER_API_KEY", default=None,
-              help="Require this bearer key from clients (default: $FLOWRUNNER_API_KEY; none: open).")
+@click.option("--api-key", envvar="FLOWRUNNER_API_KEY", multiple=True,
+              help="Require this bearer key from clients; repeat it to give each client its own (default: "
+                   "$FLOWRUNNER_API_KEY, keys separated by commas; none: open).")
 @click.option("--keepalive", type=click.FloatRange(min=0.1), default=15.0, show_default=True,
               help="Seconds of silence before a keep-alive comment on a stream.")
 @click.option("--max-body-size", default=format_size(DEFAULT_MAX_BODY), show_default=True, metavar="SIZE",
               callback=_body_size,
               help="Largest request body accepted (bytes, or e.g. 512KiB, 16MiB); a larger one is a 413.")
+@click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN", callback=_cors_origins,
+              help="Let web pages of this origin (e.g. https://app.example.com, or *) call serve; repeatable.")
+@click.option("--max-concurrent-streams", "max_streams", type=click.IntRange(min=1), metavar="N",
+              help="Runs in flight at once (streamed or not), in each worker; beyond it a 429 with Retry-After.")
+@click.option("--max-streams-per-key", "per_key_streams", type=click.IntRange(min=1), metavar="N",
+              help="Runs in flight at once for each --api-key, in each worker; beyond it a 429.")
+@click.option("--rate-limit-per-key", "per_key_rpm", metavar="Nrpm", callback=_rpm,
+              help="Requests per minute for each --api-key, in each worker, e.g. 60rpm; beyond it a 429 with "
+                   "Retry-After.")
+@click.option("--grace", type=click.FloatRange(min=0), default=25.0, show_default=True, metavar="SECONDS",
+              help="On SIGTERM, how long the streams in flight may go on before they are stopped.")
+@click.option("--workers", default="1", show_default=True, metavar="N|auto", callback=_workers,
+              help="Processes answering on the port, each with its own connections (auto: one per CPU).")
 @_MESSAGE_INPUT
 @_CONNECTIONS
 @click.pass_obj
-def serve(obj: dict[str, Any], flow: Path, host: str, port: int, api_key: str | None, keepalive: float,
-          max_body_size: int, message_input: str | None, connections_file: Path | None) -> int:
-    """Serve FLOW as an OpenAI-compatible /v1/chat/completions (streaming or not)."""
+def serve(obj: dict[str, Any], flow: Path, host: str, port: int, api_key: tuple[str, ...], keepalive: float,
+          max_body_size: int, cors_origins: tuple[str, ...], max_streams: int | None, per_key_streams: int | None,
+          per_key_rpm: int | None, grace: float, workers: int, message_input: str | None,
+          connections_file: Path | None) -> int:
+    """Serve FLOW as an OpenAI-compatible /v1/chat/completions and /v1/responses (streaming or not)."""
     from .serve.command import serve as run_server
 
     return run_server(flow, host, port, connections_file, message_input, api_key, keepalive, obj,
-                      max_body_size=max_body_size)
+                      max_body_size=max_body_size, grace=grace, cors_origins=cors_origins, max_streams=max_streams,
+                      per_key_streams=per_key_streams, per_key_rpm=per_key_rpm, workers=workers)
 
 
 @cli.command()
@@ -212,15 +267,17 @@ def serve(obj: dict[str, Any], flow: Path, host: str, port: int, api_key: str | 
               help="Another flow input, the same for every message (e.g. -i model=gpt-4o).")
 @_MESSAGE_INPUT
 @_CONNECTIONS
+@_SHOW_REASONING
 @click.pass_obj
 def chat(obj: dict[str, Any], flow: Path, conversation_id: str | None, pairs: tuple[str, ...],
-         message_input: str | None, connections_file: Path | None) -> int:
+         message_input: str | None, connections_file: Path | None, show_reasoning: bool) -> int:
     """Talk to FLOW in the terminal: answers stream in; Ctrl-C stops an answer, Ctrl-D exits
     (exit 1 if any answer failed)."""
     from .chat import chat_loop
     from .runner import parse_pairs
 
-    return chat_loop(flow, conversation_id, parse_pairs(pairs), message_input, connections_file, obj)
+    return chat_loop(flow, conversation_id, parse_pairs(pairs), message_input, connections_file,
+                     {**obj, "show_reasoning": show_reasoning})
 
 
 @cli.command()

@@ -24,6 +24,7 @@ from .flow.model import Flow
 MESSAGE_INPUTS = ("question", "message", "prompt", "user_prompt", "query", "input")
 CONVERSATION_INPUT = "conversation_id"
 HISTORY_INPUTS = ("history", "messages")
+IMAGES_INPUT = "images"  # an array input of this name gets the image URLs of the user's message
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class ChatInputs:
     message: str  # the input that takes the user's message
     conversation: str | None  # the input that takes a conversation id
     history: str | None  # an array input that takes the earlier messages
+    images: str | None = None  # an array input that takes the user message's image URLs
 
     @classmethod
     def of(cls, flow: Flow, message_input: str | None = None) -> ChatInputs:
@@ -51,16 +53,19 @@ class ChatInputs:
             name = named[0] if named else required[0]
         conversation = CONVERSATION_INPUT if getattr(inputs.get(CONVERSATION_INPUT), "type", None) == "string" else None
         history = next((n for n in HISTORY_INPUTS if getattr(inputs.get(n), "type", None) == "array"), None)
-        return cls(flow, name, conversation, history)
+        images = IMAGES_INPUT if getattr(inputs.get(IMAGES_INPUT), "type", None) == "array" else None
+        return cls(flow, name, conversation, history, images)
 
     def turn(self, text: str, *, conversation_id: str | None = None, earlier: list[dict[str, Any]] | None = None,
              extra: Mapping[str, Any] | None = None, extra_is_text: bool = False,
-             ) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
+             images: list[Any] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
         """(the flow's inputs, the client history for Run) for one user message. Raises
         FlowDefinitionError when `extra` inputs are unknown or of the wrong type (`extra_is_text`:
         they are command-line text, to parse as their declared types)."""
         given: dict[str, Any] = dict(extra or {})
         given[self.message] = text
+        if self.images and (images or (self.images not in given and self.flow.inputs[self.images].required)):
+            given[self.images] = list(images or [])  # a message without images: none, not a missing input
         client_history: list[dict[str, Any]] | None = None
         if conversation_id is not None and self.conversation:
             given[self.conversation] = conversation_id
@@ -74,7 +79,9 @@ class ChatInputs:
     @property
     def keeps_history(self) -> bool:
         """True when a conversation id is enough: the flow's history steps keep the conversation."""
-        return self.conversation is not None and any(s.type == "history_load" for s in self.flow.steps)
+        from .flow.model import walk  # branches of parallel steps and sub-flows count too
+
+        return self.conversation is not None and any(s.type == "history_load" for s in walk(self.flow.steps, into_flows=True))
 
 
 def default_chat_history(run: Any) -> list[dict[str, Any]] | None:
@@ -86,7 +93,9 @@ def default_chat_history(run: Any) -> list[dict[str, Any]] | None:
     flow = run.flow
     if any(getattr(flow.inputs.get(n), "type", None) == "array" for n in HISTORY_INPUTS):
         return None
-    if any(s.type == "history_load" for s in flow.steps):
+    from .flow.model import walk  # branches of parallel steps and sub-flows count too
+
+    if any(s.type == "history_load" for s in walk(flow.steps, into_flows=True)):
         return None
     return run.client_history
 

@@ -79,7 +79,8 @@ def markdown_step(type_name: str) -> str:
     if cls.outputs:
         out += ["## Outputs", "", "`${steps.ID.NAME}`; " + (
             f"`result:` names the variable that gets `{cls.result_output}` (default `{cls.result_default}`)."
-            if cls.result_default else "this step binds no `result:` variable."), ""]
+            if cls.result_default else f"`result:` (optional) names the variable that gets `{cls.result_output}`."
+            if "result" in frag["properties"] else "this step binds no `result:` variable."), ""]
         out += [f"- `{name}`: {desc}" for name, desc in cls.outputs.items()]
         out.append("")
     if cls.example:

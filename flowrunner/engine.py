@@ -32,14 +32,15 @@ from typing import Any
 
 import structlog
 
-from . import refs, secrets
+from . import foreach, refs, secrets
 from .connections.pool import Connections
 from .errors import FlowDefinitionError, FlowError, FlowRuntimeError, Problem, StepFailed
 from .events import Event, RunFinished, RunStarted, StepFinished, StepRetrying, StepStarted, TextDelta, Warning
-from .flow.model import Flow, StepSpec
+from .flow.model import Flow, StepSpec, walk
 from .steps import STEP_TYPES
 from .steps.base import Outputs, Step
 from .steps.context import StepContext
+from .steps.parallel import BranchFailed, stopping_branch
 
 log = structlog.get_logger("flowrunner")
 
@@ -63,7 +64,7 @@ def check_connections(flow: Flow, connections: Connections, *, llm_mode: Any = N
     name from a ${...} reference is checked when used. Returns their names: batch and serve open them
     before the first item or request."""
     setup = _Setup(llm_mode, client_history)
-    used = list(dict.fromkeys(name for spec in flow.steps
+    used = list(dict.fromkeys(name for spec in walk(flow.steps, into_flows=True)
                               for name in STEP_TYPES[spec.type].connections_used(spec, setup)))
     connections.check_env(used)
     return used
@@ -102,16 +103,31 @@ class Run:
         # Each chat step's messages as last sent, by step id: `serve` counts their tokens itself when
         # the model's server reports no usage (llama.cpp, Ollama, most mocks).
         self.chat_messages: dict[str, list[dict[str, Any]]] = {}
+        self.prefix = ""  # a sub-flow's run: the calling step's "ID/" (StepContext.tape_key)
+        self.skipped: set[str] = set()  # refs.Scope.skipped: what skipped steps left null (foreach.skip)
         # Outputs that may read null although their step succeeded (refs.Scope.optional): built once,
         # since scope() is called for every step.
-        self._optional = {spec.id: STEP_TYPES[spec.type].optional_outputs for spec in flow.steps}
+        self._optional = {spec.id: STEP_TYPES[spec.type].optional_outputs for spec in walk(flow.steps)}
 
     @property
     def error(self) -> FlowError | None:
         return self.errors[0] if self.errors else None
 
+    def run_step(self, spec: StepSpec) -> AsyncIterator[Event]:
+        """One step as the engine runs it (its events, retries, binding, StepFinished): a parallel
+        group runs each of its branches through here, in a task of its own."""
+        return self._run_step(spec)
+
+    def sub_run(self, flow: Flow, inputs: Mapping[str, Any]) -> Run:
+        """A `flow` step's sub-flow: its own inputs and variables, this run's connections (one pool),
+        mode, run id and turn id."""
+        return Run(flow, inputs, connections=self.connections, run_id=self.run_id, llm_mode=self.llm_mode,
+                   client_history=self.client_history, turn_id=self.turn_id, grace_on_cancel=self.grace_on_cancel)
+
     def scope(self) -> refs.Scope:
-        return refs.Scope(self.inputs, self.variables, self.step_outputs, optional=self._optional)
+        item = foreach.variables(self)  # inside a for_each item: ${item}, ${item_index}
+        return refs.Scope(self.inputs, {**self.variables, **item} if item else self.variables, self.step_outputs,
+                          optional=self._optional, skipped=self.skipped)
 
     def _absent_warnings(self, scope: refs.Scope, where: str, step: str | None = None) -> list[Warning]:
         """One warning per reference that read null inside an optional output (refs.Scope.optional)."""
@@ -129,7 +145,7 @@ class Run:
             try:
                 for spec in self.flow.steps:
                     if self.errors and not spec.run_on_failure:
-                        yield StepFinished(spec.id, "skipped")
+                        yield StepFinished(spec.id, "skipped", reason="an earlier step failed")
                         continue
                     async with aclosing(self._run_step(spec)) as step_events:
                         async for event in step_events:
@@ -193,7 +209,16 @@ class Run:
         if any(spec.run_on_failure for spec in self.flow.steps):
             log.info("interrupted: the run_on_failure steps still run", within=self.stop_grace)
 
-    async def _run_step(self, spec: StepSpec) -> AsyncIterator[Event]:
+    async def _run_step(self, spec: StepSpec, *, plain: bool = False) -> AsyncIterator[Event]:
+        """plain: run it as written, `when` and `for_each` already dealt with (foreach.py calls back
+        here for the step itself, or for each of its items)."""
+        if not plain and (spec.when is not None or spec.for_each is not None):
+            async with aclosing(foreach.controlled(self, spec)) as controlled:
+                async for event in controlled:
+                    yield event
+            return
+        looped = foreach.current(self, spec)  # one item of a for_each step: it gathers the item's outputs
+        index = looped.index if looped is not None else None
         cls = STEP_TYPES[spec.type]
         structlog.contextvars.bind_contextvars(step=spec.id)
         started = time.monotonic()
@@ -202,17 +227,20 @@ class Run:
         attempt = 0
         timeout: float | None = None
         ctx: StepContext | None = None
+        followup: list[dict[str, Any]] = []  # a re-ask's messages (StepFailed.reask), for the next attempt
         try:
             props, timeout, warnings = self._resolve(spec)
             for warning in warnings:
                 yield warning
             while True:
                 attempt += 1
-                yield StepStarted(spec.id, spec.type, spec.title, attempt)
+                yield StepStarted(spec.id, spec.type, spec.title, attempt, index)
                 log.info("step started", type=spec.type, attempt=attempt)
                 sent = False
                 outputs = {}
                 ctx = StepContext(spec, props, self, attempt)
+                ctx.item = index
+                ctx.followup = followup
                 try:
                     async with aclosing(self._attempt(cls(spec), ctx, timeout)) as items:
                         async for item in items:
@@ -229,15 +257,34 @@ class Run:
                     # What the step had produced: its error's outputs, or on a timeout what it
                     # published as it went (the chat step's text so far).
                     outputs = dict(e.outputs) if isinstance(e, StepFailed) else ctx.partial_outputs()
-                    if retryable and not sent and attempt < spec.retry.attempts and not self.interrupted:
-                        delay = min(spec.retry.backoff * 2 ** (attempt - 1), spec.retry.max_backoff)
+                    while ctx.after:
+                        yield ctx.after.pop(0)
+                    # A re-ask (a structured answer that does not fit) is announced by the step: it may follow text.
+                    reask = e.reask if isinstance(e, StepFailed) else None
+                    if retryable and (not sent or reask is not None) and attempt < spec.retry.attempts \
+                            and not self.interrupted:
+                        followup = reask if reask is not None else followup
+                        delay = 0.0 if reask is not None else \
+                            min(spec.retry.backoff * 2 ** (attempt - 1), spec.retry.max_backoff)
                         message = _message(e, timeout)
                         log.warning("step retrying", error=secrets.redact(message), delay=delay)
-                        yield StepRetrying(spec.id, attempt, secrets.redact(message), delay)
+                        yield StepRetrying(spec.id, attempt, secrets.redact(message), delay, index)
                         await asyncio.sleep(delay)
                         continue
                     raise
         except asyncio.CancelledError:
+            # Stopped by the step around it, not by the run: a for_each item keeps what it had (its text so
+            # far); a parallel branch (a sibling failed, the group stopped) ends `cancelled` with it, bound.
+            if looped is not None:
+                looped.outputs = ctx.partial_outputs() if ctx is not None else {}
+                raise
+            why = stopping_branch()
+            if why is not None:
+                outputs = ctx.partial_outputs() if ctx is not None else {}
+                self._bind(spec, cls, outputs)
+                yield StepFinished(spec.id, "cancelled", outputs, why, time.monotonic() - started)
+                structlog.contextvars.unbind_contextvars("step")
+                return
             if self.interrupted or not self.grace_on_cancel:  # the second Ctrl-C (or SIGTERM), or no grace: stop at once
                 self.interrupted = True
                 raise
@@ -245,6 +292,10 @@ class Run:
             if ctx is not None and ctx.partial is not None:  # e.g. the chat step's text so far
                 outputs = ctx.partial_outputs()
             failure = self.interruption = FlowRuntimeError(Problem(f"{spec.label} was interrupted", spec.location))
+            while ctx is not None and ctx.after:
+                yield ctx.after.pop(0)
+        except BranchFailed as e:  # a parallel group: its failed branch's error, already recorded
+            failure, outputs = e.failure, e.outputs
         except FlowDefinitionError as e:  # e.g. a connection's env var is missing: still the user's setup
             failure = e
             if self.step_outputs:  # ...but once a step has run, the run failed (exit 1, not 2): every problem
@@ -263,18 +314,22 @@ class Run:
             failure = self._failure(spec, f"unexpected error: {type(e).__name__}: {e}",
                                     "run with --debug to see the traceback, and please report it", attempt)
             failure.__cause__ = e
-        self._bind(spec, cls, outputs)
+        if looped is not None:
+            looped.outputs, looped.failure = outputs, failure
+        else:
+            self._bind(spec, cls, outputs)
         duration = time.monotonic() - started
         if failure is not None:
-            self.errors.append(failure)
+            if looped is None and not any(failure is known for known in self.errors):  # a group's is its branch's
+                self.errors.append(failure)
             if failure is self.interruption:  # the person stopped it: not an error of the flow's
                 log.warning("step interrupted", duration=round(duration, 3))
             else:
                 log.error("step failed", error=secrets.redact(failure.message), duration=round(duration, 3))
-            yield StepFinished(spec.id, "failed", outputs, secrets.redact(str(failure)), duration)
+            yield StepFinished(spec.id, "failed", outputs, secrets.redact(str(failure)), duration, item=index)
         else:
             log.info("step finished", duration=round(duration, 3))
-            yield StepFinished(spec.id, "ok", outputs, None, duration)
+            yield StepFinished(spec.id, "ok", outputs, None, duration, item=index)
         structlog.contextvars.unbind_contextvars("step")
 
     def _resolve(self, spec: StepSpec) -> tuple[dict[str, Any], float | None, list[Warning]]:
@@ -341,7 +396,9 @@ class Run:
     def _failure(self, spec: StepSpec, message: str, hint: str | None, attempts: int) -> FlowRuntimeError:
         if attempts > 1:
             message += f" (after {attempts} attempts)"
-        return FlowRuntimeError(Problem(f"{spec.label} failed: {secrets.redact(message)}", spec.location, "", hint))
+        item = foreach.current(self, spec)
+        label = spec.label if item is None else f"{spec.label} item {item.index}"
+        return FlowRuntimeError(Problem(f"{label} failed: {secrets.redact(message)}", spec.location, "", hint))
 
 
 def _message(e: BaseException, timeout: float | None) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -109,10 +110,14 @@ class StepFailed(FlowRuntimeError):
         retryable: bool = False,
         http_status: int = 500,
         http_headers: dict[str, str] | None = None,
+        reask: list[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__(Problem(message, hint=hint))
         self.outputs = outputs or {}
         self.retryable = retryable
+        # The messages the next attempt adds (StepContext.followup): the step asks again, announced, so
+        # the engine's `retry` repeats it even after its text reached the sink.
+        self.reask = reask
         self.http_status = http_status
         self.http_headers = http_headers
 

@@ -29,6 +29,9 @@ class StepStarted(Event):
     type: str
     title: str | None = None
     attempt: int = 1
+    # A for_each step: `items` (how many) on the step's own start, `item` (its index) on each item's.
+    item: int | None = None
+    items: int | None = None
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,15 @@ class StreamStarted(Event):
 
 @dataclass(frozen=True)
 class TextDelta(Event):
+    step: str
+    text: str
+
+
+@dataclass(frozen=True)
+class ReasoningDelta(Event):
+    """A piece of a reasoning model's thinking (`delta.reasoning_content` or `delta.reasoning`): never
+    part of the answer's text."""
+
     step: str
     text: str
 
@@ -65,20 +77,36 @@ class Warning(Event):  # noqa: A001 - the event's name on the wire is "warning"
 
 
 @dataclass(frozen=True)
+class Fallback(Event):
+    """A chat step's own model failed before its answer began, and one of its `fallback:` models answers."""
+
+    step: str
+    fallback: int  # its place in the step's `fallback:` list, from 1
+    connection: str
+    model: str | None
+    failed: tuple[Mapping[str, Any], ...] = ()  # each model tried before it, in order: {connection, model, error}
+
+
+@dataclass(frozen=True)
 class StepRetrying(Event):
     step: str
     attempt: int  # the attempt that failed
     error: str
     delay: float
+    item: int | None = None  # the for_each item that is retried
 
 
 @dataclass(frozen=True)
 class StepFinished(Event):
     step: str
-    status: str  # ok | failed | skipped
+    status: str  # ok | failed | skipped | cancelled (a parallel branch stopped because another failed)
     outputs: Mapping[str, Any] = field(default_factory=dict)
     error: str | None = None
     duration: float = 0.0
+    reason: str | None = None  # why it was skipped: its `when` did not hold, or an earlier step failed
+    # A for_each step: `item` on each item's end; `items` on the step's own end, its outputs the lists.
+    item: int | None = None
+    items: int | None = None
 
 
 @dataclass(frozen=True)
@@ -90,11 +118,17 @@ class RunFinished(Event):
     duration: float = 0.0
 
 
-def add_usage(total: dict[str, int], usage: Mapping[str, Any]) -> None:
-    """Adds a Usage event's token counts into `total` (nested details are left out)."""
+def add_usage(total: dict[str, Any], usage: Mapping[str, Any]) -> None:
+    """Adds a Usage event's token counts into `total`, nested details too (completion_tokens_details.
+    reasoning_tokens, prompt_tokens_details.cached_tokens): one call's usage stays as its server sent it."""
     for key, value in usage.items():
-        if isinstance(value, int):
+        if type(value) is int:
             total[key] = total.get(key, 0) + value
+        elif isinstance(value, Mapping):
+            inner = total.get(key)
+            if not isinstance(inner, dict):
+                inner = total[key] = {}
+            add_usage(inner, value)
 
 
 _KINDS: dict[type, str] = {
@@ -102,9 +136,11 @@ _KINDS: dict[type, str] = {
     StepStarted: "step_started",
     StreamStarted: "stream_started",
     TextDelta: "text",
+    ReasoningDelta: "reasoning",
     Progress: "progress",
     Usage: "usage",
     Warning: "warning",
+    Fallback: "fallback",
     StepRetrying: "step_retrying",
     StepFinished: "step_finished",
     RunFinished: "run_finished",

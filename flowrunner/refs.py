@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,6 +165,9 @@ class Scope:
     # over it. A path inside any other output still fails where it finds nothing.
     optional: Mapping[str, Collection[str]] = field(default_factory=dict)
     absent: list[str] = field(default_factory=list)
+    # Steps that were skipped (`when`), as "steps.ID", and the variables they left null: a path
+    # inside their null reads null too, as the step's own outputs do.
+    skipped: Collection[str] = ()
 
     def lookup(self, ref: Ref) -> Any:
         kind = ref.kind
@@ -177,6 +180,9 @@ class Scope:
             value, path, seen = roots[kind], ref.path, kind
         inside_optional = kind == "steps" and len(path) > 2 and path[1] in self.optional.get(str(path[0]), ())
         for depth, part in enumerate(path):
+            if value is None and self.skipped and depth and kind in ("steps", "var") and (
+                    f"steps.{path[0]}" if kind == "steps" else str(path[0])) in self.skipped:
+                return None
             if inside_optional and depth >= 2 and (value is None or (
                     isinstance(value, Mapping) and isinstance(part, str) and part not in value)):
                 if depth == 2 and value is None:
@@ -259,3 +265,17 @@ def compile_value(value: Any) -> Any:
     if isinstance(value, list):
         return [compile_value(v) for v in value]
     return value
+
+
+def found_in(value: Any, path: tuple[str | int, ...]) -> Iterator[tuple[tuple[str | int, ...], Ref]]:
+    """Every reference in a compiled value (Templates inside mappings and lists), with the path of the
+    string that holds it, for errors located at file:line:col."""
+    if isinstance(value, Template):
+        for ref in value.refs:
+            yield path, ref
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from found_in(v, (*path, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from found_in(v, (*path, i))

@@ -64,7 +64,8 @@ def llm_mode(dry_run: bool, record: Path | None, replay: Path | None) -> Any:
 
 
 def run_once(flow_path: Path, pairs: tuple[str, ...], inputs_file: Path | None, connections_file: Path | None,
-             sink_spec: str | None, output_format: str, obj: dict[str, Any], mode: Any = None) -> int:
+             sink_spec: str | None, output_format: str, obj: dict[str, Any], mode: Any = None,
+             show_reasoning: bool = False) -> int:
     from . import logs
     from .engine import Run, check_connections
     from .flow.build import load_flow_with
@@ -85,6 +86,10 @@ def run_once(flow_path: Path, pairs: tuple[str, ...], inputs_file: Path | None, 
         sink.close()
         raise FlowDefinitionError.at(f"--sink {sink_spec} and --output json would both write to stdout",
                                      hint="send the events elsewhere, e.g. --sink jsonl:events.jsonl")
+    if show_reasoning:
+        from .sinks.reasoning import ReasoningView
+
+        sink = ReasoningView(sink)
     logs.configure(obj.get("log_format"), obj.get("log_level"), errors_printed=True)
 
     stopped_by: int | None = None

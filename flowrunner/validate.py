@@ -1,4 +1,5 @@
-"""`flowrunner validate`: check flow files offline, print every problem, exit 0 or 1."""
+"""`flowrunner validate`: check flow files offline, print every problem, exit 0 or 1. Warnings (a
+step that may read a skipped step's null, flow/guards.py) are printed too, but leave the exit 0."""
 
 from __future__ import annotations
 
@@ -35,12 +36,13 @@ def validate_paths(paths: tuple[Path, ...], fmt: str, connections_file: Path | N
     files = collect(paths)
     extra = load_connections_file(connections_file, "--connections") if connections_file else None
     results: list[tuple[Path, tuple[Problem, ...]]] = []
+    warned: dict[Path, tuple[Problem, ...]] = {}
     for file in files:
         try:
             if _is_connections_file(file):  # kept beside the flows, for --connections
                 load_connections_file(file)
             else:
-                load_flow(file, extra)
+                warned[file] = load_flow(file, extra).warnings
             results.append((file, ()))
         except FlowError as e:
             results.append((file, e.problems))
@@ -57,16 +59,20 @@ def validate_paths(paths: tuple[Path, ...], fmt: str, connections_file: Path | N
     if fmt == "json":
         echo(json.dumps({
             "valid": not bad,
-            "files": [{"file": str(f), "valid": not ps, "problems": [p.as_dict() for p in ps]} for f, ps in results],
+            "files": [{"file": str(f), "valid": not ps, "problems": [p.as_dict() for p in ps],
+                       "warnings": [w.as_dict() for w in warned.get(f, ())]} for f, ps in results],
         }, indent=2))
     else:
         for file, problems in results:
             for p in problems:
                 echo(_github(p, file) if fmt == "github" else "Error: " + p.format())
+            for w in warned.get(file, ()):
+                echo(_github(w, file, "warning") if fmt == "github" else "Warning: " + w.format())
         count = sum(len(ps) for _, ps in bad)
         summary = (f"{len(results)} file(s) valid" if not bad else
                    f"{len(bad)} of {len(results)} file(s) invalid, {count} problem(s)")
-        click.echo(summary, err=True)
+        warnings = sum(len(ws) for ws in warned.values())
+        click.echo(summary + (f", {warnings} warning(s)" if warnings else ""), err=True)
     return 1 if bad else 0
 
 
@@ -96,7 +102,7 @@ def _escape(text: str, *, prop: bool = False) -> str:
     return text.replace(":", "%3A").replace(",", "%2C") if prop else text
 
 
-def _github(p: Problem, file: Path) -> str:
+def _github(p: Problem, file: Path, level: str = "error") -> str:
     """A GitHub Actions workflow command: the problem shows on the line in the pull request."""
     loc = p.location or Location(str(file))
     props = [f"file={_escape(loc.file, prop=True)}"]
@@ -104,4 +110,4 @@ def _github(p: Problem, file: Path) -> str:
         props += [f"line={loc.line}", f"col={loc.col or 1}"]
     props.append(f"title={_escape('flowrunner: ' + (p.path or 'flow'), prop=True)}")
     message = p.message + (f"\nhint: {p.hint}" if p.hint else "")
-    return f"::error {','.join(props)}::{_escape(message)}"
+    return f"::{level} {','.join(props)}::{_escape(message)}"

@@ -244,7 +244,7 @@ def test_every_block_of_your_first_ten_minutes_runs_as_printed(copy: Shell, llm)
                 out = copy.check(what, copy.sh(ACTIVATE + block))
                 assert out.stdout.split("\n")[:2] == ["IVFFlat and HNSW.", "HNSW builds a graph."], out.stdout
                 sent = [m["content"] for m in llm.chat_requests[-1].json["messages"]]
-                assert sent[1:3] == ["Which index types does it support?", "IVFFlat and HNSW."], sent
+                assert sent[1:3] == ["What are the index types of pgvector?", "IVFFlat and HNSW."], sent
     finally:
         if served is not None:
             os.killpg(served.pid, signal.SIGTERM)
@@ -265,7 +265,8 @@ def run_record_replay(copy: Shell, block: str, what: str, llm) -> None:
     assert out.stdout.count("It adds a vector type.\n") == 2, out.stdout
     recording = (copy.repo / "recordings/rag.jsonl").read_text().splitlines()
     kinds = [json.loads(line).get("kind", "chat") for line in recording]
-    assert kinds == ["embedding", "history", "chat"]
+    # retrieval (its embedding) and the history load run in parallel: either may be recorded first
+    assert sorted(kinds[:2]) == ["embedding", "history"] and kinds[2:] == ["chat"], kinds
     assert "not saved: the model was not called" in out.stderr
     assert out.stdout.count("stopped the embedded PostgreSQL in ") == 2  # after recording, after replaying
 

@@ -333,7 +333,8 @@ def test_rag_chat_remembers_the_conversation(store, pg, llm) -> None:
     (pg.root / "history.sqlite3").unlink(missing_ok=True)
     extra = ["--connections", "flows/connections/sqlserver.yaml"] if store == "sqlserver" else []
     assert run_cli("run", "flows/ingest_docs.yaml", env=env).returncode == 0
-    questions = ["What does pgvector add to PostgreSQL?", "Which index types does it have?",
+    # Each question finds a passage (with none, the flow answers from a canned text: test_control_parallel_flow).
+    questions = ["What does pgvector add to PostgreSQL?", "Which index types does pgvector have?",
                  "and what about the second one?"]
     answers = ["It adds a vector type and similarity search.", "HNSW and IVFFlat.", "IVFFlat clusters vectors."]
     llm.script(*(Reply(text=a) for a in answers))

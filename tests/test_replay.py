@@ -105,7 +105,7 @@ def test_the_rag_example_records_and_replays_without_any_model_server(pg, llm, t
     live = run_cli(*args, "--record", str(tape), env=env)
     assert live.returncode == 0, live.stderr
     kinds = [rec.get("kind", "chat") for rec in json_lines(tape.read_text())]
-    assert kinds == ["embedding", "history", "chat"]
+    assert sorted(kinds[:2]) == ["embedding", "history"] and kinds[2:] == ["chat"]  # the first two run in parallel
     # Replayed under another conversation: a replay saves nothing and serves the recorded history, so it
     # repeats exactly.
     replay_args = (*args[:-1], "conversation_id=ci")

@@ -87,7 +87,7 @@ class Batch:
         started = time.monotonic()
         # Ctrl-C / SIGTERM: each item in flight still runs its run_on_failure steps (--fail-fast: not).
         run = Run(self.flow, item.inputs, connections=conns, turn_id=self._turn_id(item), grace_on_cancel=True)
-        usage: dict[str, int] = {}
+        usage: dict[str, Any] = {}
         self._in_flight.add(run)
         try:
             async with aclosing(run.events()) as events:

@@ -37,6 +37,7 @@ class LLMClient:
     headers: dict[str, str] = field(default_factory=dict, repr=False)  # what the SDK sends, auth included
     params: dict[str, str] = field(default_factory=dict)  # Azure: api-version
     urls: dict[str, Any] = field(default_factory=dict)  # chat URLs by model, parsed once
+    requests: dict[int, Any] = field(default_factory=dict, repr=False)  # request templates (llm/request_head.py)
 
     def chat_url(self, model: str) -> Any:
         """The httpx2.URL a chat request for `model` goes to (Azure: the deployment's, api-version included)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -13,10 +13,13 @@ from ..errors import FlowDefinitionError, Problem, did_you_mean
 from ..steps import STEP_TYPES
 from .inputs import InputError, coerce
 from .load import PathKey, SourceMap, format_path, parse_yaml, read_text
+from . import control, nested
 from .model import INPUT_TYPES, ConnectionSpec, Flow, InputSpec, RetrySpec, StepSpec, frozen
 from .schema import schema_problems
 
-COMMON_KEYS = {"id", "type", "title", "description", "timeout", "retry", "run_on_failure"}
+COMMON_KEYS = {"id", "type", "title", "description", "timeout", "retry", "run_on_failure",
+               "when", "for_each", "concurrency", "on_item_failure"}  # the last four: conditions.py, foreach.py
+LOOP_NAMES = ("item", "item_index")  # the variables a for_each step's properties see
 # A "did you mean" hint compares the misspelt name with at most SUGGEST_FROM names (the nearest ones),
 # and one file's hints with at most SUGGEST_BUDGET names in all: checking a generated flow of
 # thousands of steps, each with a bad reference, stays linear (hints are a courtesy, not a check).
@@ -30,8 +33,15 @@ def load_flow(file: str | Path, connections: dict[str, ConnectionSpec] | None = 
 
 
 def load_flow_with(file: str | Path, connections_file: str | Path | None) -> Flow:
-    """A flow as the commands take it: FLOW plus the connections of `--connections FILE`, if given."""
-    return load_flow(file, load_connections_file(connections_file, "--connections") if connections_file else None)
+    """A flow as the commands take it: FLOW plus the connections of `--connections FILE`, if given.
+    Its load-time warnings (flow/guards.py) go to stderr, as `validate` prints them."""
+    flow = load_flow(file, load_connections_file(connections_file, "--connections") if connections_file else None)
+    if flow.warnings:
+        import click
+
+        for warning in flow.warnings:
+            click.echo("Warning: " + warning.format(), err=True)
+    return flow
 
 
 def load_flow_text(text: str, file: str = "<string>", connections: dict[str, ConnectionSpec] | None = None) -> Flow:
@@ -54,8 +64,10 @@ def load_flow_text(text: str, file: str = "<string>", connections: dict[str, Con
 class _Builder:
     """Tolerant of data that failed the schema: it checks what it can, so one run shows all problems."""
 
+    load = staticmethod(load_flow)  # how flow/nested.py loads a sub-flow (it cannot import this module)
+
     def __init__(self, data: dict[str, Any], smap: SourceMap, extra: dict[str, ConnectionSpec] | None = None,
-                 misshapen: frozenset[int] = frozenset()) -> None:
+                 misshapen: frozenset[str] = frozenset()) -> None:
         self.data, self.smap = data, smap
         self.extra = extra or {}
         # Steps the schema found wrong: their references are still checked, but a step type's own
@@ -64,6 +76,10 @@ class _Builder:
         self.problems: list[Problem] = []
         self.all_ids = _all_ids(data)
         self.suggest_budget = SUGGEST_BUDGET
+        # While a parallel group's branch is checked: its siblings' step ids and variables (-> the group's
+        # id), which it may not read (flow/nested.py).
+        self.concurrent_steps: dict[str, str] = {}
+        self.concurrent_vars: dict[str, str] = {}
 
     def problem(self, message: str, path: PathKey, hint: str | None = None, *, key: bool = False) -> None:
         self.problems.append(Problem(message, self.smap.location(path, key=key), format_path(path), hint))
@@ -73,12 +89,13 @@ class _Builder:
         connections = {**self._connections(), **self.extra}
         steps = self._steps(inputs, connections)
         # Which step sets each variable: for "set later" errors in steps, and for the outputs.
-        self.setter = {var: s.id for s in steps or () for var in STEP_TYPES[s.type].bindings(s)}
+        self.setter = {var: s.id for s in nested.walk(steps or ()) for var in STEP_TYPES[s.type].bindings(s)}
         self._check_references(steps or [], inputs, connections)
         outputs = self._outputs(inputs, steps)
         name = self.data.get("name")
         if self.problems or not isinstance(name, str) or steps is None:
             return None
+        warnings = control.load_warnings(steps, self.smap)
         return Flow(
             name=name,
             version=1,
@@ -89,6 +106,7 @@ class _Builder:
             steps=tuple(steps),
             outputs=frozen(outputs),
             source=self.smap,
+            warnings=tuple(warnings),
         )
 
     def _inputs(self) -> dict[str, InputSpec]:
@@ -134,7 +152,7 @@ class _Builder:
                 continue
             path = ("connections", name)
             config = self._compile({k: v for k, v in decl.items() if k != "type"}, path)
-            for ref_path, ref in _refs_in(config, path):
+            for ref_path, ref in refs.found_in(config, path):
                 if ref.kind != "env":
                     self._ref_problem(ref, ref_path, f"{ref.text}: connections may only use ${{env.NAME}}",
                                       "connections are opened before any step runs; pass other values to steps")
@@ -144,8 +162,10 @@ class _Builder:
             out[name] = ConnectionSpec(name, decl["type"], frozen(config), path, self.smap)
         return out
 
-    def _steps(self, inputs: dict[str, InputSpec], connections: dict[str, ConnectionSpec]) -> list[StepSpec] | None:
-        raw = self.data.get("steps")
+    def _steps(self, inputs: dict[str, InputSpec], connections: dict[str, ConnectionSpec],
+               raw: Any = None, prefix: PathKey = ()) -> list[StepSpec] | None:
+        """The steps of the file, or (`prefix`: a parallel group's path) the branches `raw` of a group."""
+        raw = raw if prefix else self.data.get("steps")
         if not isinstance(raw, list):
             return None
         specs: list[StepSpec] = []
@@ -154,39 +174,54 @@ class _Builder:
             if (not isinstance(item, dict) or not isinstance(item.get("id"), str)
                     or not isinstance(item.get("type"), str) or item["type"] not in STEP_TYPES):
                 continue
-            path: PathKey = ("steps", index)
+            path: PathKey = (*prefix, "steps", index)
             sid = item["id"]
             if sid in first_seen:
-                line = self.smap.location(("steps", first_seen[sid], "id")).line
+                line = self.smap.location((*prefix, "steps", first_seen[sid], "id")).line
                 self.problem(f"duplicate step id '{sid}' (first used on line {line})", (*path, "id"),
                              "step ids must be unique; rename one")
                 continue
             first_seen[sid] = index
-            props = {k: self._compile(v, (*path, k)) for k, v in item.items() if k not in COMMON_KEYS}
+            inner = STEP_TYPES[item["type"]].nests  # parallel's `steps`: built as steps by nested.attach
+            props = {k: self._compile(v, (*path, k)) for k, v in item.items() if k not in COMMON_KEYS and k != inner}
             specs.append(StepSpec(
                 id=sid, type=item["type"], index=index, props=frozen(props),
                 title=item.get("title"), description=item.get("description"),
                 timeout=self._compile(item.get("timeout"), (*path, "timeout")),
                 retry=_retry(item.get("retry")), run_on_failure=item.get("run_on_failure") is True,
-                location=self.smap.location(path),
+                location=self.smap.location(path), prefix=prefix, **control.fields(self, item, path),
             ))
+            if inner or item["type"] == "flow":  # a group's branches, a sub-flow
+                specs[-1] = nested.attach(self, specs[-1], item, inputs, connections)
         return specs
 
     def _check_references(self, specs: list[StepSpec], inputs: dict[str, InputSpec],
-                          connections: dict[str, ConnectionSpec]) -> None:
+                          connections: dict[str, ConnectionSpec], bound: dict[str, str] | None = None,
+                          earlier: dict[str, StepSpec] | None = None) -> None:
+        """`bound` and `earlier` (updated in place): what the steps before `specs` bound and are; a
+        parallel group's branches are checked through here with what was known before the group."""
         setter = self.setter
-        bound: dict[str, str] = {}
-        earlier: dict[str, StepSpec] = {}
+        bound = {} if bound is None else bound
+        earlier = {} if earlier is None else earlier
         for spec in specs:
             cls = STEP_TYPES[spec.type]
-            values: list[tuple[PathKey, refs.Ref]] = list(_refs_in(dict(spec.props), spec.path))
-            values += list(_refs_in(spec.timeout, (*spec.path, "timeout")))
-            for path, ref in values:
+            values: list[tuple[PathKey, refs.Ref]] = list(refs.found_in(dict(spec.props), spec.path))
+            values += list(refs.found_in(spec.timeout, (*spec.path, "timeout")))
+            # `when` and `for_each` are read once, before any item: only the rest sees ${item}.
+            for path, ref in control.control_refs(spec):
                 self._check_ref(ref, path, spec, inputs, bound, earlier, setter)
+            inner = {**bound, **dict.fromkeys(LOOP_NAMES, spec.id)} if spec.for_each is not None else bound
+            for path, ref in values:
+                self._check_ref(ref, path, spec, inputs, inner, earlier, setter)
+            if spec.when is not None:
+                control.check_condition(self, spec, inputs, bound, earlier)
             if cls.connection_types and isinstance(spec.props.get("connection"), str):
                 self._check_connection(spec, cls.connection_types, connections)
-            if spec.index not in self.misshapen:
-                self.problems += cls.check(spec, _PartialFlow(inputs, connections, specs))
+            if format_path(spec.path) not in self.misshapen:
+                self.problems += cls.check(spec, _PartialFlow(inputs, connections, specs, self.smap))
+            if isinstance(spec.nested, tuple):
+                nested.check_group(self, spec, inputs, connections, inner, earlier)  # a looped group's see ${item}
+                bound.update((var, setter) for var, setter in inner.items() if var not in LOOP_NAMES)
             for var in cls.bindings(spec):
                 bound[var] = spec.id
             earlier[spec.id] = spec
@@ -212,6 +247,10 @@ class _Builder:
             if name not in earlier:
                 if spec is not None and name == spec.id:
                     msg, hint = f"{ref.text}: a step cannot use its own outputs", None
+                elif name in self.concurrent_steps:
+                    msg, hint = (f"{ref.text}: step '{name}' runs at the same time as this one (both are in "
+                                 f"parallel step '{self.concurrent_steps[name]}')",
+                                 "read it after the parallel step, or put the two steps in one branch")
                 elif name in self.all_ids:
                     msg, hint = f"{ref.text}: step '{name}' runs after this one", "a step can only use outputs of earlier steps"
                 else:
@@ -220,19 +259,56 @@ class _Builder:
             else:
                 target = earlier[name]
                 outputs = STEP_TYPES[target.type].declared_outputs(target)
+                if target.for_each is not None:  # each output is the list of the items' values
+                    outputs = (*outputs, "errors")
                 if field not in outputs:
                     self._ref_problem(ref, path, f"{ref.text}: step '{name}' has no output '{field}'",
                                       self._suggest(field, outputs) or f"its outputs: {', '.join(outputs)}")
+                elif len(ref.path) > 2 and target.for_each is None:
+                    self._check_shape(ref, path, target, field, ref.path[2:])
         elif name not in bound:
-            if name in setter:
+            if name in self.concurrent_vars:
+                self._ref_problem(ref, path, f"{ref.text}: variable '{name}' is set by another branch of parallel "
+                                  f"step '{self.concurrent_vars[name]}', which runs at the same time",
+                                  "read it after the parallel step, or put the two steps in one branch")
+            elif name in setter:
                 self._ref_problem(ref, path, f"{ref.text}: variable '{name}' is set by step '{setter[name]}', "
                                   "which runs later", "move that step before this one")
+            elif name in LOOP_NAMES:
+                looped = spec is not None and spec.for_each is not None
+                self._ref_problem(ref, path, f"{ref.text}: there is no item here",
+                                  "`when` and `for_each` are read once, before the items; ${item} is for the "
+                                  "step's other properties" if looped else
+                                  "${item} and ${item_index} exist inside a step with for_each: ${list}")
             else:
                 hint = self._suggest(name, bound)
                 if name in inputs:
                     hint = f"did you mean ${{inputs.{name}}}?"
                 self._ref_problem(ref, path, f"{ref.text}: unknown variable '{name}'",
                                   hint or "variables are set by an earlier step's `result:` or a `set` step")
+        elif ref.path and bound[name] in earlier and earlier[bound[name]].for_each is None:
+            target = earlier[bound[name]]
+            output = STEP_TYPES[target.type].bindings(target).get(name)
+            if output is not None:
+                self._check_shape(ref, path, target, output, ref.path)
+
+    def _check_shape(self, ref: refs.Ref, path: PathKey, target: StepSpec, output: str,
+                     inner: tuple[str | int, ...]) -> None:
+        """A path inside an output whose shape the step type declares (Step.output_shape)."""
+        from .shapes import undeclared
+
+        if getattr(target, "for_each", None) is not None:
+            return  # its outputs are lists, one item per run: the shape is an item's
+        shape = STEP_TYPES[target.type].output_shape(target, output, _PartialFlow({}, {}, [], self.smap))
+        found = undeclared(shape, inner) if shape is not None else None
+        if found is None:
+            return
+        depth, field, known = found
+        inside = output + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in inner[:depth])
+        hint = self._suggest(field, known) or (f"it declares: {', '.join(known)}" if known
+                                                else "the schema declares no fields there")
+        self._ref_problem(ref, path, f"{ref.text}: the schema of step '{target.id}' declares no '{field}' in "
+                          f"its {inside}", hint)
 
     def _ref_problem(self, ref: refs.Ref, path: PathKey, message: str, hint: str | None) -> None:
         self.problems.append(Problem(message, self.smap.find_in_value(path, ref.text), format_path(path), hint))
@@ -250,8 +326,8 @@ class _Builder:
         if not isinstance(raw, dict):
             return {}
         compiled = self._compile(raw, ("outputs",))
-        earlier = {s.id: s for s in steps or ()}
-        for path, ref in _refs_in(compiled, ("outputs",)):
+        earlier = {s.id: s for s in nested.walk(steps or ())}
+        for path, ref in refs.found_in(compiled, ("outputs",)):
             self._check_ref(ref, path, None, inputs, self.setter, earlier, self.setter)
         return compiled
 
@@ -260,36 +336,29 @@ class _PartialFlow:
     """What a step type's own check() may look at while the flow is still being built."""
 
     def __init__(self, inputs: dict[str, InputSpec], connections: dict[str, ConnectionSpec],
-                 steps: list[StepSpec]) -> None:
+                 steps: list[StepSpec], source: SourceMap | None = None) -> None:
         self.inputs, self.connections, self.steps = inputs, connections, steps
+        self.source = source  # for problems inside a property (source.location(path)), as on a Flow
 
 
-def _steps_with_problems(problems: list[Problem]) -> frozenset[int]:
-    """The indexes of the steps that schema problems point into (their paths start `steps[N]`)."""
+def _steps_with_problems(problems: list[Problem]) -> frozenset[str]:
+    """The paths of the steps that schema problems point into (`steps[N]`, and a parallel group's
+    branch `steps[N].steps[M]`: the group and the branch)."""
     out = set()
     for p in problems:
-        if p.path.startswith("steps["):
-            index = p.path[6:].partition("]")[0]
-            if index.isdigit():
-                out.add(int(index))
+        prefix = ""
+        for part in p.path.split("."):
+            index = part[6:-1] if part.startswith("steps[") and part.endswith("]") else ""
+            if not index.isdigit():
+                break
+            prefix = f"{prefix}.{part}" if prefix else part
+            out.add(prefix)
     return frozenset(out)
 
 
 def _all_ids(data: dict[str, Any]) -> set[str]:
     steps = data.get("steps")
     return {s["id"] for s in steps if isinstance(s, dict) and isinstance(s.get("id"), str)} if isinstance(steps, list) else set()
-
-
-def _refs_in(value: Any, path: PathKey) -> Iterator[tuple[PathKey, refs.Ref]]:
-    if isinstance(value, refs.Template):
-        for ref in value.refs:
-            yield path, ref
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            yield from _refs_in(v, (*path, k))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            yield from _refs_in(v, (*path, i))
 
 
 def _retry(raw: Any) -> RetrySpec:

@@ -10,6 +10,7 @@ from typing import Any
 from ..connections.registry import CONNECTION_TYPES
 from ..steps import STEP_TYPES
 from .dialect import validator_class
+from .fastcheck import surely_valid
 
 _REFERENCE = "#/$defs/reference"  # schema.REFERENCE_BRANCH's target: _any_of there looks for the $ref
 
@@ -23,7 +24,7 @@ class CompiledSchema:
     resolves a `$ref` at every use, which cost more than all the rest of checking a flow."""
 
     def __init__(self, full: dict[str, Any]) -> None:
-        self._new = validator_class()
+        self._new = _Lazy  # jsonschema only for a file flow/fastcheck.py cannot pass
         self._dialect = full["$schema"]
         self._defs = {**full["$defs"], **{kind: {k: v for k, v in full["$defs"][kind].items() if k != "allOf"}
                                            for kind in ("step", "connection")}}
@@ -37,6 +38,8 @@ class CompiledSchema:
         self._parts: dict[str, Any] = {}
 
     def iter_errors(self, validator: Any, data: Any) -> Iterator[Any]:
+        if self._surely_valid(validator, data):  # most files: no need for jsonschema's slow walk
+            return
         yield from validator.iter_errors(data)
         if not isinstance(data, dict):
             return
@@ -46,17 +49,63 @@ class CompiledSchema:
                      connections.items() if isinstance(connections, dict) else ())]
         for section, kind, registry, items in sections:
             for key, item in items:
-                type_name = item.get("type") if isinstance(item, dict) else None
-                if isinstance(type_name, str) and type_name in registry:
-                    for error in self._part(f"{kind}.{type_name}").iter_errors(item):
-                        error.path.extendleft((key, section))  # where the item sits in the file
-                        yield error
+                yield from self._item_errors(kind, registry, item, (section, key))
+
+    def _item_errors(self, kind: str, registry: dict[str, Any], item: Any, where: tuple[Any, ...]) -> Iterator[Any]:
+        type_name = item.get("type") if isinstance(item, dict) else None
+        if not (isinstance(type_name, str) and type_name in registry):
+            return
+        for error in self._part(f"{kind}.{type_name}").iter_errors(item):
+            error.path.extendleft(reversed(where))  # where the item sits in the file
+            yield error
+        inner = getattr(registry[type_name], "nests", None)  # a parallel group's branches: each by its type too
+        if inner and isinstance(item.get(inner), list):
+            for index, branch in enumerate(item[inner]):
+                yield from self._item_errors(kind, registry, branch, (*where, inner, index))
+
+    def _surely_valid(self, validator: Any, data: Any) -> bool:
+        """What iter_errors checks, by flow/fastcheck.py: True only where jsonschema would find nothing."""
+        if not surely_valid(validator.schema, data, self._defs):
+            return False
+        if not isinstance(data, dict):
+            return True
+        steps, connections = data.get("steps"), data.get("connections")
+        return all(self._item_valid(kind, registry, item) for kind, registry, items in (
+            ("step", STEP_TYPES, steps if isinstance(steps, list) else ()),
+            ("connection", CONNECTION_TYPES, connections.values() if isinstance(connections, dict) else ()))
+            for item in items)
+
+    def _item_valid(self, kind: str, registry: dict[str, Any], item: Any) -> bool:
+        type_name = item.get("type") if isinstance(item, dict) else None
+        if not (isinstance(type_name, str) and type_name in registry):
+            return True  # as _item_errors: the outline reports it
+        if not surely_valid(self._part(f"{kind}.{type_name}").schema, item, self._defs):
+            return False
+        inner = getattr(registry[type_name], "nests", None)
+        return not (inner and isinstance(item.get(inner), list)) or all(
+            self._item_valid(kind, registry, branch) for branch in item[inner])
 
     def _part(self, name: str) -> Any:
         if name not in self._parts:
             part = _inline(self._defs[name], self._defs, (f"#/$defs/{name}",))
             self._parts[name] = self._new({"$schema": self._dialect, **part, "$defs": self._defs})
         return self._parts[name]
+
+
+class _Lazy:
+    """A schema, and its jsonschema validator built on first use: a file that flow/fastcheck.py passes
+    needs none, and importing jsonschema is most of what `validate` would start with (bench/startup.py)."""
+
+    __slots__ = ("schema", "_validator")
+
+    def __init__(self, schema: dict[str, Any]) -> None:
+        self.schema = schema
+        self._validator: Any = None
+
+    def iter_errors(self, data: Any) -> Iterator[Any]:
+        if self._validator is None:
+            self._validator = validator_class()(self.schema)
+        return self._validator.iter_errors(data)
 
 
 _ANNOTATIONS = frozenset({"$ref", "description", "title", "default", "examples"})

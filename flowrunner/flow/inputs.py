@@ -42,6 +42,8 @@ def coerce(spec: InputSpec, value: Any, *, from_text: bool) -> Any:
         raise InputError("expected a finite number" + (" (this one is too large)" if isinstance(value, int) else ""))
     if t in ("array", "object") and _too_deep(value):
         raise InputError(f"the value is nested more than {MAX_DEPTH} levels deep")
+    if t in ("array", "object") and not _all_finite(value):  # JSON's NaN, 1e999: no request could carry them
+        raise InputError("the value holds a number that is not finite (NaN or infinity)")
     if spec.enum is not None and value not in spec.enum:
         raise InputError(f"{value!r} is not one of: {', '.join(map(str, spec.enum))}")
     return value
@@ -59,6 +61,17 @@ def _finite(value: int | float) -> bool:
         return math.isfinite(value)
     except OverflowError:  # an integer beyond a float's range: no step could use it as a number
         return False
+
+
+def _all_finite(value: Any) -> bool:
+    """No float in `value` is NaN or infinite (walked without recursion, as _too_deep; after it)."""
+    level: list[Any] = [value]
+    while level:
+        if any(type(v) is float and not math.isfinite(v) for v in level):
+            return False
+        level = [v for item in level if isinstance(item, (dict, list))
+                 for v in (item.values() if isinstance(item, dict) else item)]
+    return True
 
 
 def _too_deep(value: Any) -> bool:

@@ -8,6 +8,7 @@ are YAML 1.2's `true`/`false` only, and dates stay strings, so `default: no` mea
 from __future__ import annotations
 
 import bisect
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,6 +217,13 @@ def _yaml_hint(message: str) -> str | None:
     return None
 
 
+def _finite(text: str) -> bool:
+    try:
+        return math.isfinite(float(text.replace("_", "")))
+    except ValueError:  # YAML 1.1's sexagesimal floats (1:30.5): PyYAML reads them, and they are finite
+        return not text.lower().lstrip("+-").startswith((".nan", ".inf"))
+
+
 def _mark(node: yaml.Node) -> tuple[int, int]:
     return node.start_mark.line + 1, node.start_mark.column + 1
 
@@ -245,6 +253,11 @@ def _check(node: yaml.Node, path: PathKey, smap: SourceMap, problems: list[Probl
         problems.append(Problem(f"the integer has more than {MAX_INT_DIGITS} digits", Location(smap.file, *_mark(node)),
                                 format_path(path),
                                 hint="quote it if it is meant as text"))
+        return
+    if node.tag == "tag:yaml.org,2002:float" and not _finite(node.value):  # .nan, .inf, 1e999: no JSON number
+        problems.append(Problem(f"{node.value} is not a finite number (JSON has no NaN or infinity)",
+                                Location(smap.file, *_mark(node)), format_path(path),
+                                hint="write a finite number, or quote it if it is meant as text"))
         return
     if isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from collections.abc import Iterable, Iterator
 from typing import Any, Mapping
 
-from ..errors import Location
-from .load import PathKey, SourceMap
+from ..errors import Location, Problem
+from .load import PathKey, SourceMap, format_path
 
 INPUT_TYPES = ("string", "integer", "number", "boolean", "array", "object")
 
@@ -66,10 +67,25 @@ class StepSpec:
     retry: RetrySpec = field(default_factory=RetrySpec)
     run_on_failure: bool = False
     location: Location | None = None
+    # Control flow (conditions.py, foreach.py): run only when `when` holds; once per item of `for_each`
+    # (a Template or a literal list), `concurrency` items at a time.
+    when: Any = None  # a conditions.Condition
+    for_each: Any = None
+    concurrency: int = 1
+    on_item_failure: str = "fail"  # fail | continue
+    # Nesting (flow/nested.py): where a parallel group's branch sits (the group's path), and what a
+    # step holds: a parallel group its branches (a tuple of StepSpec), a `flow` step its sub-flow (a Flow).
+    prefix: PathKey = ()
+    nested: Any = None
 
     @property
     def path(self) -> PathKey:
-        return ("steps", self.index)
+        return (*self.prefix, "steps", self.index)
+
+    @property
+    def path_text(self) -> str:
+        """Its path as errors show it: `steps[2]`, a parallel group's branch `steps[0].steps[1]`."""
+        return format_path(self.path)
 
     @property
     def label(self) -> str:
@@ -89,12 +105,31 @@ class Flow:
     steps: tuple[StepSpec, ...]
     outputs: Mapping[str, Any]
     source: SourceMap = field(repr=False, compare=False)
+    # What `validate` shows without failing: a step that reads a possibly skipped step's output.
+    warnings: tuple[Problem, ...] = ()
 
     def step(self, step_id: str) -> StepSpec:
         for spec in self.steps:
             if spec.id == step_id:
                 return spec
         raise KeyError(step_id)
+
+
+class Branches(tuple):  # type: ignore[type-arg]
+    """A parallel group's branches (StepSpecs), and the id of the one that streams text, if any."""
+
+    streaming: str | None = None
+
+
+def walk(steps: Iterable[StepSpec], *, into_flows: bool = False) -> Iterator[StepSpec]:
+    """Every step, each parallel group followed by its branches (depth first); with into_flows, also
+    the steps of sub-flows (what a run opens, whether a flow keeps a history)."""
+    for spec in steps:
+        yield spec
+        if isinstance(spec.nested, tuple):
+            yield from walk(spec.nested, into_flows=into_flows)
+        elif into_flows and isinstance(spec.nested, Flow):
+            yield from walk(spec.nested.steps, into_flows=True)
 
 
 def frozen(mapping: dict[str, Any]) -> Mapping[str, Any]:

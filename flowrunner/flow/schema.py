@@ -29,6 +29,35 @@ COMMON_STEP_PROPERTIES: dict[str, Any] = {
                 "description": "seconds the whole step may take"},
     "retry": {"$ref": "#/$defs/retry"},
     "run_on_failure": {"type": "boolean", "description": "run even after an earlier step failed"},
+    "when": {"$ref": "#/$defs/condition"},
+    "for_each": {"anyOf": [{"type": "array"}, {"$ref": "#/$defs/reference"}],
+                 "description": "run the step once per item (${item}, ${item_index}); its result is the list of results"},
+    "concurrency": {"type": "integer", "minimum": 1, "default": 1,
+                    "description": "with for_each: how many items run at the same time"},
+    "on_item_failure": {"enum": ["fail", "continue"], "default": "fail",
+                        "description": "with for_each: continue: a failed item's result is null, its error in `errors`"},
+}
+_ANY_VALUE = {"description": "a value, or a ${...} reference"}
+CONDITION: dict[str, Any] = {
+    "type": "object",
+    "description": "run the step only if this holds: {value: ${...}, OPERATOR: X}, {all: [...]}, {any: [...]} "
+                   "or {not: {...}}; otherwise it is skipped (its outputs null)",
+    "additionalProperties": False,
+    "minProperties": 1,
+    "properties": {
+        "value": {"description": "what to test: a ${...} reference or a value"},
+        "equals": _ANY_VALUE, "not_equals": _ANY_VALUE,
+        "in": {"anyOf": [{"type": "array"}, {"$ref": "#/$defs/reference"}], "description": "a list of values"},
+        "not_in": {"anyOf": [{"type": "array"}, {"$ref": "#/$defs/reference"}], "description": "a list of values"},
+        **{op: {"anyOf": [{"type": "number"}, {"$ref": "#/$defs/reference"}], "description": "a number"}
+           for op in ("gt", "gte", "lt", "lte")},
+        "contains": {"description": "text inside text, an item of a list, or a key of a mapping"},
+        "empty": {"type": "boolean", "description": "true: the value is null, '', [] or {}"},
+        "exists": {"type": "boolean", "description": "true: the value is not null"},
+        "all": {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/condition"}},
+        "any": {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/condition"}},
+        "not": {"$ref": "#/$defs/condition"},
+    },
 }
 
 
@@ -37,6 +66,7 @@ def build_schema() -> dict[str, Any]:
     defs: dict[str, Any] = {
         "name": {"type": "string", "pattern": NAME_PATTERN},
         "reference": {"type": "string", "pattern": r"^\$\{[^}]+\}$", "description": "a ${...} reference"},
+        "condition": CONDITION,
         "retry": {
             "anyOf": [
                 {"type": "integer", "minimum": 1},
@@ -184,9 +214,24 @@ def _shallow(schema: Any) -> Any:
 
 def runtime_problems(step_type: str, props: dict[str, Any], keys: Iterable[str]) -> list[str]:
     """Messages for the resolved properties `keys` that the step type does not take."""
+    generation = steps_generation()
+    checked = [key for key in keys if type(props[key]) is not str or not _text_only(generation, step_type, key)]
+    if not checked:
+        return []
     smap = SourceMap("", "")
-    return [f"{key}: {p.message}" for key in keys
+    return [f"{key}: {p.message}" for key in checked
             for e in _runtime_validator(step_type, key).iter_errors(props[key]) for p in _describe(e, smap)]
+
+
+_ANNOTATIONS = frozenset({"$schema", "$defs", "type", "description", "default", "title", "examples"})
+
+
+@lru_cache(maxsize=256)
+def _text_only(_generation: int, step_type: str, prop: str) -> bool:
+    """The property's schema asks only for text (a prompt, a model): a str is valid without running the
+    validator, which takes some 10 us per property per run (in serve: per request)."""
+    schema = _runtime_validator(step_type, prop).schema
+    return schema.get("type") == "string" and _ANNOTATIONS.issuperset(schema)
 
 
 def _without_references(schema: Any) -> Any:
@@ -246,7 +291,7 @@ def _describe(error: Any, smap: SourceMap) -> list[Problem]:
         return [Problem(f"expected {words}, got {kind_of(inst)} {_show(inst)}", where, dotted, _type_hint(wanted, inst))]
     if v == "enum":
         choices = [str(c) for c in error.validator_value]
-        if path[-1:] == ("type",) and len(path) == 3 and path[0] == "steps":
+        if path[-1:] == ("type",) and len(path) >= 3 and path[-3] == "steps":
             return [Problem(f"{_show(inst)} is not a step type", where, dotted,
                             f"{did_you_mean(str(inst), choices) or 'see the step types:'} (flowrunner steps lists them)")]
         if path[-1:] == ("type",) and len(path) == 3 and path[0] == "connections":
@@ -270,6 +315,17 @@ def _describe(error: Any, smap: SourceMap) -> list[Problem]:
                         format_path((*path, k)), "use letters, digits, '_' and '-', starting with a letter or '_'")
                 for k in bad] or [Problem(error.message[:200], where, dotted)]
     if v == "anyOf":
+        inside = [c for c in error.context if c.relative_path]
+        if inside:  # the value has the right type, and something inside it is wrong: name that, where it is
+            from jsonschema.exceptions import best_match
+
+            return _describe(best_match(inside), smap)
+        for c in error.context if isinstance(inst, dict) else ():  # a key breaking propertyNames
+            if c.validator in ("pattern", "maxLength") and isinstance(c.instance, str) and c.instance in inst:
+                rule = (f"does not match {c.validator_value}" if c.validator == "pattern"
+                        else f"is longer than {c.validator_value} characters")
+                return [Problem(f"the key {_show(c.instance)} {rule}", smap.location((*path, c.instance), key=True),
+                                format_path((*path, c.instance)))]
         return [_any_of(error, inst, where, dotted)]
     if v in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
         sign = {"minimum": "≥", "exclusiveMinimum": ">", "maximum": "≤", "exclusiveMaximum": "<"}[v]
@@ -290,7 +346,7 @@ def _any_of(error: Any, inst: Any, where: Any, dotted: str) -> Problem:
     """A property that takes a value or a reference: say what it takes, plus the most useful reason."""
     branches = error.validator_value
     takes_ref = any(b.get("$ref") == "#/$defs/reference" for b in branches)
-    types = [b.get("type") for b in branches if b.get("type")]
+    types = [t for b in branches for t in (b["type"] if isinstance(b.get("type"), list) else [b.get("type")]) if t]
     words = " or ".join(_TYPE_WORDS.get(t, t) for t in types) or "a valid value"
     if takes_ref:
         words += " or a ${...} reference"
@@ -299,6 +355,15 @@ def _any_of(error: Any, inst: Any, where: Any, dotted: str) -> Problem:
     patterned = [b for b in branches if "pattern" in b and "description" in b]
     if isinstance(inst, str) and patterned:
         return Problem(f"{_show(inst)} is not {patterned[0]['description']}", where, dotted)
+    ruled = [c for c in error.context if c.validator in ("enum", "maxItems", "maxProperties") and not c.relative_path]
+    if ruled and isinstance(inst, (str, list, dict)):  # the right type breaking a rule: say which rule
+        rule = ruled[0]
+        if rule.validator == "enum":
+            choices = [str(c) for c in rule.validator_value]
+            return Problem(f"{_show(inst)} is not one of: {', '.join(choices)}", where, dotted,
+                           did_you_mean(str(inst), choices))
+        return Problem(f"has {len(inst)} {'items' if isinstance(inst, list) else 'keys'}, at most "
+                       f"{rule.validator_value} allowed", where, dotted)
     detail = [c for c in error.context if c.validator not in ("type", "pattern")]
     if detail and type(inst).__name__ in ("int", "float", "dict") and detail[0].validator != "additionalProperties":
         return Problem(f"{detail[0].message[:120]}", where, dotted)

@@ -34,7 +34,15 @@ def tokens(text: str) -> int:
 
 
 def count(message: dict[str, Any]) -> int:
-    return tokens(str(message.get("content") or "")) + PER_MESSAGE
+    return tokens(text_of(message.get("content"))) + PER_MESSAGE
+
+
+def text_of(content: Any) -> str:
+    """A message's text. Of OpenAI content parts only the text parts count: an image's tokens depend
+    on its size and the model (and its data URL is no text), so a count with images is an estimate low."""
+    if isinstance(content, list):
+        return "".join(str(p.get("text") or "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return str(content or "")
 
 
 def turns(messages: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:

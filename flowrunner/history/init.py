@@ -19,7 +19,9 @@ def init_tables(flow_path: Path, connections_file: Path | None) -> int:
 
     flow = load_flow_with(flow_path, connections_file)
     targets: dict[tuple[str | None, str], None] = {}
-    for spec in flow.steps:
+    from ..flow.model import walk
+
+    for spec in walk(flow.steps, into_flows=True):  # branches of parallel steps and sub-flows too
         if spec.type in ("history_load", "history_save"):
             table = spec.props.get("table", DEFAULT_TABLE)
             if isinstance(table, refs.Template):

@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 from .errors import connection_error, status_error, timeout_error
+from .request_head import build_chat_request
 
 MAX_RETRY_AFTER = 120.0
 INITIAL_RETRY_DELAY = 0.5
@@ -38,8 +39,7 @@ async def open_chat_stream(llm: Any, body: dict[str, Any]) -> Any:
     follow = llm.kind != "azure_openai"
     retries = 0
     while True:
-        request = http.build_request("POST", url, json=body,
-                                     headers={**llm.headers, "x-stainless-retry-count": str(retries)})
+        request = build_chat_request(llm, url, body, retries)
         try:
             response = await http.send(request, stream=True, follow_redirects=follow)
         except httpx2.TimeoutException:

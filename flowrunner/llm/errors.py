@@ -42,6 +42,7 @@ def status_error(status: int, body: Any, llm: Any, retried: int | None = None, *
     JSON, or its text; `headers` its headers, whose Retry-After the error keeps (for serve's client)."""
     error = _status_error(status, body, llm, retried)
     error.headers = retry_headers(headers) if headers is not None else None
+    error.server_status = status  # llm/fallback.py decides by it
     return error
 
 

@@ -68,8 +68,16 @@ def build_messages(system_prompt: str | None, history: Any, user_prompt: str, co
     if history is not None and not isinstance(history, list):
         raise PromptError("history must be a list of {role, content} messages")
     for i, item in enumerate(history or []):
-        if not isinstance(item, Mapping) or item.get("role") not in ROLES or not isinstance(item.get("content"), str):
-            raise PromptError(f"history[{i}] is not a {{role, content}} message (role one of {', '.join(ROLES)})")
+        if not isinstance(item, Mapping) or item.get("role") not in ROLES or not _content(item.get("content")):
+            raise PromptError(f"history[{i}] is not a {{role, content}} message (role one of {', '.join(ROLES)}; "
+                              "content text, or OpenAI content parts [{type: text, text}, {type: image_url, ...}])")
         messages.append({"role": item["role"], "content": item["content"]})
     messages.append({"role": "user", "content": render_user_message(user_prompt, context, template)})
     return messages
+
+
+def _content(content: Any) -> bool:
+    """Text, or a list of OpenAI content parts (each an object with a `type`), sent as it is."""
+    if isinstance(content, str):
+        return True
+    return isinstance(content, list) and all(isinstance(p, Mapping) and isinstance(p.get("type"), str) for p in content)

@@ -22,8 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FlowDefinitionError, Location, StepFailed
+from .options import NAMES as OPTION_NAMES
 
-REQUEST_KEYS = ("model", "messages", "temperature", "max_completion_tokens", "tools", "tool_choice")
+# What a chat request is recorded and matched by: a replay with another seed, stop, extra_body, schema
+# or reasoning_effort is another request.
+REQUEST_KEYS = ("model", "messages", "temperature", "max_completion_tokens", "tools", "tool_choice",
+                *OPTION_NAMES, "response_format", "reasoning_effort")
 PAYLOAD = {"embedding": "vectors", "history": "messages"}  # what each kind of record plays back (chat: chunks)
 
 

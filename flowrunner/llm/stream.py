@@ -1,7 +1,7 @@
 """The fast path: read a chat completion stream straight from the HTTP response.
 
 The openai SDK builds a pydantic object per chunk (~160-200 µs of CPU each); here each event is
-decoded by httpx2's SSE parser and json.loads into plain dicts, and every content delta is yielded
+split out by sse.py and decoded by json.loads into plain dicts, and every content delta is yielded
 the moment it arrives. Everything that can go wrong in a stream — a cut connection, a stall, a
 malformed chunk, an error event, a 200 that is not an event stream, no finish_reason — is raised
 as a StreamError, never passed on as a silently short answer."""
@@ -14,8 +14,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..events import TextDelta
+from ..events import ReasoningDelta, TextDelta
 from ..secrets import shorten  # masks, then cuts: a cut secret would no longer be masked
+from .sse import sse_data
 
 
 DRAIN_SECONDS = 0.1
@@ -29,6 +30,7 @@ class StreamError(Exception):
         self.retryable = retryable
         self.status = status  # for `serve`'s clients: the model server misbehaved (502), timed out (504)...
         self.headers: dict[str, str] | None = None  # for `serve`'s clients: the server's Retry-After
+        self.server_status: int | None = None  # the model server's own HTTP status, when it refused the request
 
 
 @dataclass
@@ -37,15 +39,29 @@ class StreamState:
 
     parts: list[str] = field(default_factory=list)
     refusal: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    thought: str | None = None  # the reasoning piece of the chunk just read, for the reader to yield
+    after_thought: str | None = None  # the content that came in the same delta, to yield after it
     tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
     model: str | None = None
     done: bool = False  # saw `data: [DONE]`
+    logprobs: list[dict[str, Any]] | None = None  # a list only when the step asked for logprobs
+    connection: str | None = None  # the connection that answered: the step's own, or a fallback's
+    place: int = 0  # the model that answered: 0 the step's own, n its n-th fallback (a re-ask goes there)
 
     @property
     def text(self) -> str:
         return "".join(self.parts)
+
+    def take_thought(self, step_id: str) -> list[ReasoningDelta | TextDelta]:
+        """The events of a chunk that carried reasoning: its piece, then any content beside it."""
+        events: list[ReasoningDelta | TextDelta] = [ReasoningDelta(step_id, self.thought or "")]
+        if self.after_thought:
+            events.append(TextDelta(step_id, self.after_thought))
+        self.thought = self.after_thought = None
+        return events
 
     def add_tool_calls(self, fragments: list[dict[str, Any]]) -> None:
         """The first fragment of a call carries id, type and name; later ones only pieces of
@@ -89,26 +105,26 @@ class StreamState:
             "usage": self.usage,
             "tool_calls": calls,
             "refusal": "".join(self.refusal) or None,
+            "reasoning": "".join(self.reasoning) or None,
             "model": self.model,
+            "logprobs": self.logprobs,
+            "connection": self.connection,
             "partial": partial,
         }
 
 
 async def read_stream(response: Any, step_id: str, state: StreamState, idle_timeout: float,
-                      tap: list[str] | None = None) -> AsyncIterator[TextDelta]:
-    """Yield a TextDelta per content piece of the first choice, filling `state` as it goes.
-    `tap` (for --record) receives every data payload as it arrived."""
+                      tap: list[str] | None = None) -> AsyncIterator[TextDelta | ReasoningDelta]:
+    """Yield a TextDelta per content piece of the first choice (a ReasoningDelta per reasoning piece),
+    filling `state` as it goes. `tap` (for --record) receives every data payload as it arrived."""
     import httpx2
 
     try:
         # After [DONE], read the (empty) rest of the body for up to DRAIN_SECONDS, so the connection
         # goes back to the pool instead of being dropped: the next request skips a TCP handshake.
         async with asyncio.timeout(None) as drain:
-            async for sse in httpx2.EventSource(response):
-                if state.done:
-                    continue
-                data = sse.data
-                if not data:
+            async for data in sse_data(response):  # sse.py: httpx2's EventSource, with less work per event
+                if state.done or not data:
                     continue
                 if tap is not None:
                     tap.append(data)
@@ -119,6 +135,9 @@ async def read_stream(response: Any, step_id: str, state: StreamState, idle_time
                 text = _data(data, state)
                 if text:
                     yield TextDelta(step_id, text)
+                elif state.thought is not None:
+                    for event in state.take_thought(step_id):
+                        yield event
     except TimeoutError:
         if not state.done:
             raise
@@ -141,7 +160,8 @@ async def read_stream(response: Any, step_id: str, state: StreamState, idle_time
                           retryable=True) from None
 
 
-async def replay_stream(chunks: list[str], step_id: str, state: StreamState) -> AsyncIterator[TextDelta]:
+async def replay_stream(chunks: list[str], step_id: str,
+                        state: StreamState) -> AsyncIterator[TextDelta | ReasoningDelta]:
     """A recorded stream's data payloads, through the same parsing, with the same chunking."""
     for data in chunks:
         if state.done:
@@ -152,6 +172,9 @@ async def replay_stream(chunks: list[str], step_id: str, state: StreamState) -> 
         text = _data(data, state)
         if text:
             yield TextDelta(step_id, text)
+        elif state.thought is not None:
+            for event in state.take_thought(step_id):
+                yield event
 
 
 def _data(data: str, state: StreamState) -> str | None:
@@ -191,13 +214,45 @@ def _apply(chunk: dict[str, Any], state: StreamState) -> str | None:
                     raise TypeError("content is not text")
                 state.parts.append(content)
                 text = content
+                # A plain content delta ({"content": ...}) pays nothing for reasoning. vLLM's delta where
+                # the thinking ends may carry both: the reader yields the reasoning first, then the text.
+                if len(delta) > 1 and _reasoning(delta, state):
+                    state.after_thought, text = content, None
+            else:
+                _reasoning(delta, state)
             if delta.get("tool_calls"):
                 state.add_tool_calls(delta["tool_calls"])
             if delta.get("refusal"):
                 state.refusal.append(str(delta["refusal"]))
+        if state.logprobs is not None:
+            _keep_logprobs(choice, state.logprobs)
         if choice.get("finish_reason"):
             state.finish_reason = str(choice["finish_reason"])
     return text
+
+
+def _keep_logprobs(choice: dict[str, Any], kept: list[dict[str, Any]]) -> None:
+    """`choices[0].logprobs.content`: one entry per token, each chunk adding those of its delta."""
+    logprobs = choice.get("logprobs")
+    if logprobs:
+        content = logprobs.get("content")
+        if content:
+            if type(content) is not list:
+                raise TypeError("logprobs.content is not a list")
+            kept.extend(content)
+
+
+def _reasoning(delta: dict[str, Any], state: StreamState) -> bool:
+    """A reasoning piece: `reasoning_content` (DeepSeek, vLLM, llama.cpp, LM Studio) or `reasoning`
+    (Ollama, OpenRouter), kept apart from the answer. True when the delta carried one."""
+    piece = delta.get("reasoning_content") or delta.get("reasoning")
+    if not piece:
+        return False
+    if type(piece) is not str:
+        raise TypeError("reasoning is not text")
+    state.reasoning.append(piece)
+    state.thought = piece
+    return True
 
 
 def _error_text(error: Any) -> str:

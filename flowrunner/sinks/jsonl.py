@@ -26,7 +26,8 @@ class JsonlSink:
             self._run = {"run_id": record["run_id"], "started": time.monotonic()}
         if event.kind == "run_finished":
             self._finished = True
-        elif event.kind != "text":  # the model's own words are left alone; everything else is masked
+        elif event.kind != "text" and event.kind != "reasoning":  # the model's own words are left alone;
+            # everything else is masked
             record = secrets.redact_value(record)  # before encoding: JSON escapes would hide a secret
         self.stream.write(json.dumps(record, ensure_ascii=False, default=_default) + "\n")
         self.stream.flush()

@@ -16,6 +16,7 @@ class StdoutSink:
     def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = guarded(stream or sys.stdout, "stdout")  # a full disk or a closed pipe: a clear error
         self.wrote_text = False
+        self.text_step: str | None = None  # the step whose text was written last
 
     def handle(self, event: Event) -> None:
         if type(event) is TextDelta:
@@ -24,8 +25,10 @@ class StdoutSink:
                 self.stream.flush()
                 console.wrote(self.stream, event.text)
                 self.wrote_text = True
-        elif type(event) is StepFinished:
-            # End a streamed answer with a newline, so the shell prompt does not follow it on one line.
+                self.text_step = event.step
+        elif type(event) is StepFinished and event.step == self.text_step:
+            # End a streamed answer with a newline, so the shell prompt does not follow it on one line;
+            # only when its own step ends: a parallel branch that ends meanwhile must not break the line.
             console.end_line(self.stream)
 
     @property

@@ -13,7 +13,9 @@ from .base import Step
 from .chat_completion import ChatCompletionStep
 from .history_load import HistoryLoadStep
 from .history_save import HistorySaveStep
+from .parallel import ParallelStep
 from .set import SetStep
+from .subflow import FlowStep
 from .vector_search import VectorSearchStep
 from .vector_upsert import VectorUpsertStep
 
@@ -35,7 +37,8 @@ def generation() -> int:
     return _generation
 
 
-for _cls in (SetStep, ChatCompletionStep, VectorSearchStep, VectorUpsertStep, HistoryLoadStep, HistorySaveStep):
+for _cls in (SetStep, ChatCompletionStep, VectorSearchStep, VectorUpsertStep, HistoryLoadStep, HistorySaveStep,
+             ParallelStep, FlowStep):
     STEP_TYPES[_cls.type_name] = _cls
 
 

@@ -44,6 +44,9 @@ class Step(ABC):
     connection_types: ClassVar[tuple[str, ...]] = ()  # what `connection:` may name
     connection_default: ClassVar[str] = ""  # what a step that may omit `connection:` uses then
     example: ClassVar[str] = ""
+    # A property that holds steps (parallel's `steps`): the loader builds it into nested StepSpecs
+    # (spec.nested) instead of compiling it as a value.
+    nests: ClassVar[str | None] = None
 
     def __init__(self, spec: StepSpec) -> None:
         self.spec = spec
@@ -51,7 +54,7 @@ class Step(ABC):
     @classmethod
     def schema(cls) -> dict[str, Any]:
         props = dict(cls.properties)
-        if cls.result_default is not None:
+        if cls.result_default is not None and "result" not in props:  # a step may describe its own
             props["result"] = {
                 "$ref": "#/$defs/name",
                 "description": f"variable that receives the {cls.result_output} (default '{cls.result_default}')",
@@ -77,6 +80,20 @@ class Step(ABC):
     @classmethod
     def declared_outputs(cls, spec: StepSpec) -> tuple[str, ...]:
         return tuple(cls.outputs)
+
+    @classmethod
+    def output_shape(cls, spec: StepSpec, output: str, flow: Any) -> dict[str, Any] | None:
+        """A JSON Schema of what `output` holds, when the step knows it at load time (the chat step's
+        `json` under an output schema): a reference into it (`${steps.ID.OUTPUT.field}`, or through the
+        `result` variable) must then name fields the schema declares (flow/shapes.py). `flow`: what
+        check() gets. None: not known; paths inside it are checked only at run time."""
+        return None
+
+    @classmethod
+    def streams(cls, spec: StepSpec) -> bool:
+        """True when the step may send text to the sink (TextDelta): a parallel group allows one such
+        branch, so that two answers never interleave. Override in a step type that streams."""
+        return False
 
     @classmethod
     def check(cls, spec: StepSpec, flow: Flow) -> list[Problem]:

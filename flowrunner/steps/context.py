@@ -36,6 +36,24 @@ class StepContext:
         self.run = run
         self.attempt = attempt
         self.partial: Callable[[], dict[str, Any]] | None = None  # set by steps that stream
+        # Events a step could not yield because it was stopped from outside (a parallel group's timeout
+        # or interruption: its branches' ends): the engine yields them before the step's own end.
+        self.after: list[Any] = []
+        self.item: int | None = None  # a for_each item's index (the engine sets it)
+        # Messages a chat step adds after its prompt's: a structured-output re-ask (llm/structured.py)
+        # runs the step again with the rejected answer and the error appended.
+        self.followup: list[dict[str, Any]] = []
+
+    @property
+    def call_key(self) -> str:
+        """What this call's chat_messages are kept under: its step, and its item (concurrent items stay apart)."""
+        return self.spec.id if self.item is None else f"{self.spec.id}[{self.item}]"
+
+    @property
+    def tape_key(self) -> str:
+        """What --record / --replay file a history load under: unique in the run, sub-flows' steps and
+        for_each items included (`triage/recall`, `recall[2]`), so each replays its own."""
+        return getattr(self.run, "prefix", "") + self.call_key
 
     def partial_outputs(self) -> dict[str, Any]:
         """What the step has produced so far, for when it is stopped from outside (a timeout)."""

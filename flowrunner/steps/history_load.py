@@ -54,7 +54,7 @@ class HistoryLoadStep(Step):
         p = ctx.props
         limit = int(p.get("max_messages", 20))
         mode = ctx.run.llm_mode  # --replay serves what the recorded run loaded, so it repeats that run
-        if replays(mode) and (recorded := mode.take_history(ctx.step_id)) is not None:
+        if replays(mode) and (recorded := mode.take_history(ctx.tape_key)) is not None:
             yield Outputs(recorded)
             return
         if ctx.run.client_history is not None:  # `serve`: the messages the client sent (see Run)
@@ -75,7 +75,7 @@ class HistoryLoadStep(Step):
             outputs["dropped"] = len(messages) - len(kept)
             messages = kept
         if records(mode):
-            mode.save_history(ctx.step_id, {"conversation_id": p["conversation_id"], "max_messages": limit,
+            mode.save_history(ctx.tape_key, {"conversation_id": p["conversation_id"], "max_messages": limit,
                                             "max_tokens": p.get("max_tokens")}, {"messages": messages, **outputs})
         yield Outputs({"messages": messages, "count": len(messages), **outputs})
 

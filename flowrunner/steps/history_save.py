@@ -27,7 +27,9 @@ _MESSAGE = {
     "additionalProperties": False,
     "properties": {
         "role": {"enum": list(ROLES)},
-        "content": {"type": ["string", "null"]},
+        "content": {"anyOf": [{"type": ["string", "null"]},
+                              {"type": "array", "items": {"type": "object", "required": ["type"]}}],
+                    "description": "text; of OpenAI content parts only the text is stored (history holds text)"},
         "id": {"type": "string", "minLength": 1, "maxLength": 64, "description": "a stable message id"},
         "metadata": {"type": "object"},
     },
@@ -76,10 +78,10 @@ class HistorySaveStep(Step):
         props = spec.props
         if ("messages" in props) == ("user_prompt" in props):
             return [Problem("give either `user_prompt` (and `response`) or `messages`", spec.location,
-                            f"steps[{spec.index}]")]
+                            f"{spec.path_text}")]
         if "messages" in props and "response" in props:
             return [Problem("`response` goes with `user_prompt`; put it in `messages` instead", spec.location,
-                            f"steps[{spec.index}].response")]
+                            f"{spec.path_text}.response")]
         return []
 
     async def run(self, ctx: StepContext) -> AsyncIterator[Event | Outputs]:
@@ -134,4 +136,8 @@ def _message_id(conversation: str, turn: str, step: str, index: int) -> str:
 def _text(value: Any) -> str:
     from ..refs import to_text
 
+    if isinstance(value, list):  # content parts: the history holds text, so an image is not kept
+        from ..history.budget import text_of
+
+        return text_of(value)
     return to_text(value)

@@ -55,7 +55,7 @@ class VectorSearchStep(Step):
 
     @classmethod
     def check(cls, spec: StepSpec, flow: Any) -> list[Problem]:
-        props, path = spec.props, f"steps[{spec.index}]"
+        props, path = spec.props, f"{spec.path_text}"
         problems = []
         if ("query" in props) == ("vector" in props):
             problems.append(Problem("give exactly one of `query` (text to embed) or `vector`", spec.location, path))

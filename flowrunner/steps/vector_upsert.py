@@ -71,18 +71,18 @@ class VectorUpsertStep(Step):
         problems = []
         if ("files" in props) == ("documents" in props):
             problems.append(Problem("give exactly one of `files` (globs) or `documents` (a list)", spec.location,
-                                    f"steps[{spec.index}]"))
+                                    f"{spec.path_text}"))
         if isinstance(props.get("embedding"), dict):
             problems += embeddings.check(props["embedding"], flow.connections, spec)
         if _from_reference(props.get("files")) and props.get("allow_referenced_files") is not True:
             problems.append(Problem(
                 "`files` comes from a reference: whoever gives that value would choose which files are read "
-                "(and, through vector_search, shown)", spec.location, f"steps[{spec.index}].files",
+                "(and, through vector_search, shown)", spec.location, f"{spec.path_text}.files",
                 "write the globs in the flow; or, if the value is trusted, add `allow_referenced_files: true` "
                 "(the files must still lie in the flow's folder, or `root:`)"))
         if _from_reference(props.get("root")):
             problems.append(Problem("`root` cannot come from a reference: it is what confines `files`",
-                                    spec.location, f"steps[{spec.index}].root", "write the folder in the flow"))
+                                    spec.location, f"{spec.path_text}.root", "write the folder in the flow"))
         return problems
 
     async def run(self, ctx: StepContext) -> AsyncIterator[Event | Outputs]:

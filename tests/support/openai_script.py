@@ -73,6 +73,9 @@ class Reply:
     model: str | None = None  # default: the request's model (Azure: the deployment when absent)
     id: str | None = None
     chunk_delay: float = 0.0  # seconds between events
+    # chunk_delay as a schedule (event k due k x delay after the first) rather than a pause after each
+    # send: a busy server keeps the pace instead of drifting slower (bench/serve_capacity.py).
+    paced: bool = False
     chunk_extra: dict[str, Any] = field(default_factory=dict)  # extra keys on every chunk (service_tier...)
     # An error reply before any stream: non-2xx status with an OpenAI-shaped body.
     status: int = 200
@@ -92,6 +95,15 @@ class Reply:
     keepalive: bool = False  # `: keep-alive` comment before every event after the first
     replay: str | Path | None = None  # a recorded .sse file, sent event by event
     azure_prompt_filter: bool | None = None  # None: on for Azure paths (a `choices:[]` chunk first)
+    # A reasoning model's thinking, streamed before the text (str: word deltas; a list as given), as
+    # delta.reasoning_content (DeepSeek, vLLM, llama.cpp) or, with reasoning_field="reasoning", as
+    # Ollama and OpenRouter send it; in a stream: false reply, message.<reasoning_field>.
+    reasoning: str | list[str] | None = None
+    reasoning_field: str = "reasoning_content"
+    # A threading.Event: the reply waits (other connections go on) until the test sets it, e.g. when
+    # another request arrives; one never set within HOLD_LIMIT is recorded in the server's `errors`.
+    hold: Any = None
+    sent: Any = None  # a threading.Event the server sets once the whole stream (to [DONE]) is sent
 
     @classmethod
     def from_recording(cls, name_or_path: str | Path, **kwargs: Any) -> Reply:
@@ -179,6 +191,12 @@ def _turn(reply: Reply) -> _Turn:
     return _Turn(text=text, refusal=refusal, calls=calls, finish_reason=finish)
 
 
+def _reasoning_pieces(reply: Reply) -> list[str]:
+    if reply.reasoning is None:
+        return []
+    return list(reply.reasoning) if isinstance(reply.reasoning, list) else split_words(reply.reasoning)
+
+
 def _usage(reply: Reply, body: dict[str, Any], completion_tokens: int) -> dict[str, Any] | None:
     if reply.usage is False:
         return None
@@ -248,6 +266,11 @@ class ChatRender:
             head.append(self._azure_filter_chunk())
         body: list[bytes] = []
         role_sent = turn.text is not None or turn.refusal is not None
+        for piece in _reasoning_pieces(reply):
+            if reply.reasoning_field == "reasoning":  # Ollama's shape: role and an empty content on each
+                body.append(self._delta({"role": "assistant", "content": "", "reasoning": piece}))
+            else:  # DeepSeek's: content null beside the reasoning
+                body.append(self._delta({"content": None, reply.reasoning_field: piece}))
         if turn.text is not None:
             head.append(self._delta({"role": "assistant", "content": "", "refusal": None}))
             for piece in turn.text:
@@ -284,6 +307,8 @@ class ChatRender:
                                    "content": "".join(turn.text) if turn.text is not None else None,
                                    "refusal": "".join(turn.refusal) if turn.refusal is not None else None,
                                    "annotations": []}
+        if self.reply.reasoning is not None:
+            message[self.reply.reasoning_field] = "".join(_reasoning_pieces(self.reply))
         if turn.calls:
             message["tool_calls"] = [{"id": c["id"], "type": "function",
                                       "function": {"name": c["name"], "arguments": c["arguments"]}}

@@ -39,6 +39,7 @@ _AZURE_DEPLOYMENT = re.compile(r"^/openai/deployments/([^/]+)/(chat/completions|
 _MAX_HEADER_LINES = 200
 _POLL = 0.01  # how often a long pause (stall) looks for a client that went away
 _POLL_ABOVE = 0.05
+HOLD_LIMIT = 30.0  # seconds a Reply.hold waits for its event before the server gives up (and records it)
 
 
 class _ClientGone(Exception):
@@ -331,6 +332,8 @@ class OpenAIServer:
             return send(400, error_body(400, "Missing required parameter: 'messages'.", param="messages",
                                         code="missing_required_parameter"))
         reply = self._next_reply(request)
+        if reply.hold is not None:
+            await self._hold(reply.hold, reader)
         render = ChatRender(reply, request.body, azure=azure, deployment=request.deployment)
         if reply.status >= 300:
             headers = dict(reply.headers)
@@ -344,6 +347,17 @@ class OpenAIServer:
                 await asyncio.sleep(reply.stall)
             return send(200, render.completion(), dict(reply.headers))
         return await self._stream(reader, writer, reply, render.stream_plan(), close=close, azure=azure)
+
+    async def _hold(self, event: threading.Event, reader: asyncio.StreamReader) -> None:
+        """Reply.hold: wait for the test's event without blocking the other connections."""
+        deadline = time.monotonic() + HOLD_LIMIT
+        while not event.is_set():
+            if reader.at_eof():
+                return
+            if time.monotonic() > deadline:
+                self.errors.append(TimeoutError(f"a held reply was not released within {HOLD_LIMIT:g} s"))
+                return
+            await asyncio.sleep(_POLL)
 
     async def _stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reply: Reply,
                       plan: StreamPlan, *, close: bool, azure: bool) -> bool:
@@ -378,8 +392,14 @@ class OpenAIServer:
                     return
                 await asyncio.sleep(min(left, _POLL))
 
+        due = time.monotonic()  # paced: when the last event was due
+
         async def between() -> None:
-            if reply.chunk_delay > 0:
+            nonlocal due
+            if reply.chunk_delay > 0 and reply.paced:
+                due += reply.chunk_delay
+                await pause(due - time.monotonic())
+            elif reply.chunk_delay > 0:
                 await pause(reply.chunk_delay)
             else:
                 await asyncio.sleep(0)  # let other connections and EOF callbacks run between events
@@ -421,6 +441,8 @@ class OpenAIServer:
             tail = b"%x\r\n%s\r\n" % (len(DONE_EVENT), DONE_EVENT) if plan.done else b""
             writer.write(tail + b"0\r\n\r\n")
             await writer.drain()
+            if reply.sent is not None:
+                reply.sent.set()
             return True
         except (_ClientGone, ConnectionError):
             self._count_disconnect()
@@ -433,11 +455,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between SSE events")
+    parser.add_argument("--paced", action="store_true",
+                        help="--chunk-delay is a schedule: a busy server keeps the pace (Reply.paced)")
     parser.add_argument("--text", default=DEFAULT_TEXT, help="the text every chat request gets")
     parser.add_argument("--require-key", default=None, help="demand this API key")
     args = parser.parse_args(argv)
     server = OpenAIServer(args.host, args.port, require_key=args.require_key,
-                          default_reply=Reply(text=args.text, chunk_delay=args.chunk_delay))
+                          default_reply=Reply(text=args.text, chunk_delay=args.chunk_delay, paced=args.paced))
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
