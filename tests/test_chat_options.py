@@ -164,7 +164,9 @@ def test_dry_run_shows_the_options_and_a_replay_compares_them(run_flow, llm, tmp
     out = run_flow("seed: ${inputs.seed}\nextra_body: {top_k: 5}", "seed=1", "--dry-run", inputs_yaml=inputs)
     assert out.returncode == 0, out.stderr
     shown = json.loads("".join(e["text"] for e in json_lines(out.stdout) if e["event"] == "text"))["request"]
-    assert shown["seed"] == 1 and shown["extra_body"] == {"top_k": 5} and llm.chat_requests == []
+    # the body as sent: extra_body's fields at the top level, and the stream fields
+    assert shown["seed"] == 1 and shown["top_k"] == 5 and "extra_body" not in shown and llm.chat_requests == []
+    assert shown["stream"] is True and shown["stream_options"] == {"include_usage": True}
     tape = tmp_path / "tape.jsonl"
     assert run_flow("seed: ${inputs.seed}", "seed=1", "--record", str(tape), inputs_yaml=inputs).returncode == 0
     assert run_flow("seed: ${inputs.seed}", "seed=1", "--replay", str(tape), inputs_yaml=inputs).returncode == 0

@@ -309,6 +309,23 @@ steps:
     assert "flow.yaml:9:37: steps[1].flow: the sub-flow 'nowhere.yaml' does not exist" in err
 
 
+def test_a_reference_into_a_sub_flows_outputs_is_checked_against_what_it_declares(write_flow) -> None:
+    write_flow("version: 1\nname: sub\nsteps:\n  - {id: s, type: set, values: {lab: x}}\noutputs: {label: \"${lab}\"}\n",
+               "sub.yaml")
+    flow = write_flow("""
+version: 1
+name: caller
+steps:
+  - {id: triage, type: flow, flow: sub.yaml, result: triage}
+  - {id: use, type: set, values: {a: "${triage.labl}", b: "${steps.triage.outputs.label}"}}
+""")
+    out = run_cli("validate", str(flow))
+    assert out.returncode == 1
+    err = out.stdout + out.stderr
+    assert "flow.yaml:6:39: steps[1].values.a: ${triage.labl}: " in err, err
+    assert "did you mean 'label'?" in err and "outputs.label" not in err and "1 problem(s)" in err
+
+
 def test_a_cycle_of_sub_flows_is_a_load_error_showing_the_path(write_flow) -> None:
     write_flow("version: 1\nname: a\nsteps:\n  - {id: to_b, type: flow, flow: b.yaml}\n", "a.yaml")
     write_flow("version: 1\nname: b\nsteps:\n  - {id: to_c, type: flow, flow: sub/c.yaml}\n", "b.yaml")

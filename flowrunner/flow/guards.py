@@ -53,7 +53,7 @@ def skipped_reads(steps: Iterable[StepSpec], smap: SourceMap,
 
 def _risk(ref: refs.Ref, guards: list[conditions.Condition], conditional: dict[str, StepSpec],
           binders: dict[str, list[StepSpec]]) -> tuple[str, str] | None:
-    hint = ("give this step the same `when`, or when: {value: " + ref.text + ", exists: true}; "
+    hint = ("give this step the same `when`, or when: {value: \"" + ref.text + "\", exists: true}; "
             "or set a default in an earlier step")
     if ref.kind == "steps":
         source = conditional.get(ref.name)

@@ -253,7 +253,8 @@ def _unfenced(text: str) -> str:
 
 def _hint(schema: bool) -> str:
     what = "or fix the schema" if schema else "or ask for JSON in the prompt"
-    return f"the answer is the step's `text` output; `retry: {{attempts: 2}}` asks the model again with the error, {what}"
+    return (f"the answer is the step's `text` output; each attempt of the step's `retry` (e.g. `retry: {{attempts: 2}}`) "
+            f"asks the model again with the error: give it more attempts, {what}")
 
 
 def _first_problem(schema: dict[str, Any], value: Any) -> str | None:

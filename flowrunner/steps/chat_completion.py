@@ -176,7 +176,10 @@ class ChatCompletionStep(Step):
         if kind == "dry-run":
             from ..llm.replay import comparable
 
-            shown = comparable({**request, "messages": images.shortened(messages)})  # a data URL cut short
+            # The body as it would go on the wire (extra_body merged, the stream fields), a data URL cut short.
+            streamed = {"stream": True, "stream_options": {"include_usage": True}} if p.get("stream", True) \
+                else {"stream": False}
+            shown = options.wire_body({**comparable({**request, "messages": images.shortened(messages)}), **streamed})
             yield TextDelta(ctx.step_id, json.dumps({"step": ctx.step_id, "request": shown},
                                                     indent=2, ensure_ascii=False) + "\n")
             state.finish_reason, state.model = "dry_run", model

@@ -54,6 +54,15 @@ class FlowStep(Step):
 """
 
     @classmethod
+    def output_shape(cls, spec: StepSpec, output: str, flow: Any) -> dict[str, Any] | None:
+        """The sub-flow's declared outputs: `${triage.labl}` is a load error when it declares only `label`.
+        A sub-flow that declares none gives its variables, known only at run time: not checked."""
+        sub = _subflow(spec)
+        if output != "outputs" or sub is None or not sub.outputs:
+            return None
+        return {"type": "object", "properties": {name: {} for name in sub.outputs}, "additionalProperties": False}
+
+    @classmethod
     def bindings(cls, spec: StepSpec) -> dict[str, str]:
         name = spec.props.get("result")
         return {name: "outputs"} if isinstance(name, str) else {}
