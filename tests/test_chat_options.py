@@ -339,8 +339,8 @@ def test_a_file_that_is_not_an_image_or_missing_is_an_error(run_flow, llm, tmp_p
     (tmp_path / "notes.png").write_text("just text")
     out = run_flow("images: [notes.png]")
     assert out.returncode == 1 and "'notes.png' is not a PNG, JPEG, GIF or WebP image" in out.stderr
-    out = run_flow("images: [gone.png]")
-    assert out.returncode == 1 and "no such image file: 'gone.png'" in out.stderr
+    out = run_flow("images: [gone.png]")  # written in the flow: found missing when it is loaded (exit 2)
+    assert out.returncode == 2 and "images[0]: the image file gone.png does not exist" in out.stderr, out.stderr
     assert llm.chat_requests == []
 
 

@@ -307,6 +307,11 @@ steps:
     assert "hint: did you mean 'ticket'?" in err
     assert "flow.yaml:8:32: steps[0].inputs.urgent: input 'urgent' of the sub-flow 'triage.yaml': expected a boolean" in err
     assert "flow.yaml:9:37: steps[1].flow: the sub-flow 'nowhere.yaml' does not exist" in err
+    (flow.parent / "sub").mkdir()
+    write_flow("version: 1\nname: c\nsteps:\n  - {id: s, type: set, values: {x: 1}}\n", "sub/classify.yaml")
+    typo = write_flow("version: 1\nname: t\nsteps:\n  - {id: c, type: flow, flow: sub/clasify.yaml}\n", "typo.yaml")
+    out = run_cli("validate", str(typo))
+    assert out.returncode == 1 and "hint: did you mean 'sub/classify.yaml'?" in out.stdout + out.stderr
 
 
 def test_a_reference_into_a_sub_flows_outputs_is_checked_against_what_it_declares(write_flow) -> None:

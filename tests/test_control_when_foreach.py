@@ -191,6 +191,8 @@ BAD = [
     ("    for_each: 12\n", "10:15", "expected a list or a ${...} reference, got an integer 12"),
     ('    for_each: "${names}"\n', "10:16", "${names}: unknown variable 'names'"),
     ('    for_each: "${item}"\n', "10:16", "`when` and `for_each` are read once, before the items"),
+    ('    for_each: "${inputs.word}"\n', "10:15",
+     "for_each takes a list; ${inputs.word} is the input 'word', declared string"),
 ]
 
 

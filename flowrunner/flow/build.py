@@ -215,6 +215,8 @@ class _Builder:
                 self._check_ref(ref, path, spec, inputs, inner, earlier, setter)
             if spec.when is not None:
                 control.check_condition(self, spec, inputs, bound, earlier)
+            if spec.for_each is not None:
+                control.check_for_each(self, spec, inputs)
             if cls.connection_types and isinstance(spec.props.get("connection"), str):
                 self._check_connection(spec, cls.connection_types, connections)
             if format_path(spec.path) not in self.misshapen:

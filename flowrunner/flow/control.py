@@ -59,6 +59,16 @@ def check_condition(builder: _Builder, spec: StepSpec, inputs: dict[str, InputSp
     conditions.check_types(spec.when, ref_kind, _reporter(builder))
 
 
+def check_for_each(builder: _Builder, spec: StepSpec, inputs: dict[str, InputSpec]) -> None:
+    """`for_each` over a declared input of another type than array (a literal that is not a list is
+    the schema's error)."""
+    whole = spec.for_each.whole if isinstance(spec.for_each, refs.Template) else None
+    declared = inputs.get(whole.name) if whole is not None and whole.kind == "inputs" and len(whole.path) == 1 else None
+    if declared is not None and declared.type != "array":
+        builder.problem(f"for_each takes a list; {whole.text} is the input '{whole.name}', declared {declared.type}",
+                        (*spec.path, "for_each"), "declare the input `type: array`, or loop over a list")
+
+
 def _reporter(builder: _Builder) -> Any:
     def report(message: str, at: PathKey, hint: str | None = None, key: bool = False) -> None:
         builder.problem(message, at, hint, key=key)

@@ -149,8 +149,17 @@ def _subflow(builder: _Builder, spec: StepSpec, connections: dict[str, Connectio
         return None
     if not target.is_file():
         what = "is a folder, not a flow file" if target.is_dir() else "does not exist"
-        builder.problem(f"the sub-flow '{raw}' {what} (looked for {target})", (*spec.path, "flow"),
-                        "the path is relative to this flow's file")
+        hint = "the path is relative to this flow's file"
+        if not target.is_dir() and target.parent.is_dir():  # a typo in the name: the flow files beside it
+            from ..errors import did_you_mean
+
+            folder = os.path.dirname(raw)  # suggested as written: relative to this flow's file
+            beside = sorted(os.path.join(folder, p.name) for p in target.parent.iterdir()
+                            if p.suffix in (".yaml", ".yml"))[:200]
+            close = did_you_mean(raw, beside)
+            if close:
+                hint = f"{close} ({hint})"
+        builder.problem(f"the sub-flow '{raw}' {what} (looked for {target})", (*spec.path, "flow"), hint)
         return None
     token = _CHAIN.set(chain)
     try:

@@ -64,7 +64,18 @@ def check(spec: Any, flow: Any) -> list[Problem]:
                                     "only images inside it", source.location(path),
                                     f"{spec.path_text}.images[{i}]",
                                     "move the image next to the flow (or below it), or give its https: URL"))
+        elif not is_url(where) and not _is_file(base / where):
+            problems.append(Problem(f"the image file {where} does not exist (looked for {base / where})",
+                                    source.location(path), f"{spec.path_text}.images[{i}]",
+                                    "the path is relative to the flow file's folder"))
     return problems
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a NUL in the name, a name too long
+        return False
 
 
 def _inside(base: Path, name: str) -> bool:
