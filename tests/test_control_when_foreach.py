@@ -318,9 +318,12 @@ def test_an_empty_list_runs_nothing_and_a_non_list_is_a_step_error(write_flow) -
     type: set
     for_each: []
     values: {x: "${item}"}
+  - id: mk                      # a variable's type is known only at run time (an input's is checked at load)
+    type: set
+    values: {word: pear}
   - id: text
     type: set
-    for_each: ${inputs.word}
+    for_each: ${word}
     values: {y: "${item}"}
 """)
     out = run_cli("run", str(flow), "--sink", "jsonl:-")
@@ -328,7 +331,7 @@ def test_an_empty_list_runs_nothing_and_a_non_list_is_a_step_error(write_flow) -
     assert [(e["event"], e["item"]) for e in step_events(out.stdout, "none")] == [
         ("step_started", None), ("step_finished", None)]
     assert finished(out.stdout)["none"]["outputs"] == {"x": [], "errors": []}
-    assert "step 'text' (set) failed: for_each takes a list; ${inputs.word} is a string 'pear'" in out.stderr
+    assert "step 'text' (set) failed: for_each takes a list; ${word} is a string 'pear'" in out.stderr, out.stderr
     assert "hint: give it a list" in out.stderr and "Traceback" not in out.stderr
 
 
