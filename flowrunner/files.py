@@ -74,8 +74,19 @@ def is_regular(path: str | Path) -> bool:
     """A plain file (following symlinks): something that can be read twice, and ends."""
     try:
         return stat.S_ISREG(os.stat(path).st_mode)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL in the name
         return False
+
+
+def confined(base: Path, name: str) -> Path | None:
+    """`name`, relative to the folder `base` (resolved), with symlinks resolved; None when it lies
+    outside `base` or is no usable name (a NUL, a symlink loop, an unknown ~user). What a flow may
+    read beside itself: its images, its schema files."""
+    try:
+        path = (base / Path(name).expanduser()).resolve()
+    except (OSError, RuntimeError, ValueError):
+        return None
+    return path if path.is_relative_to(base) else None
 
 
 def write_error(e: OSError, where: str) -> FlowRuntimeError:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import Problem, StepFailed
-from ..files import MIB, format_size
+from ..files import MIB, confined, format_size, is_regular
 
 MAX_IMAGE_BYTES = 20 * MIB
 URL_SCHEMES = ("https://", "http://", "data:")
@@ -59,30 +59,16 @@ def check(spec: Any, flow: Any) -> list[Problem]:
             problems.append(Problem("a data URL here must be data:image/<type>;base64,<data>", source.location(path),
                                     f"{spec.path_text}.images[{i}]",
                                     "e.g. data:image/png;base64,iVBORw0...; or name the image file"))
-        elif not is_url(where) and not _inside(base, where):
+        elif not is_url(where) and confined(base, where) is None:
             problems.append(Problem(f"{where} lies outside the flow file's folder: a chat_completion step reads "
                                     "only images inside it", source.location(path),
                                     f"{spec.path_text}.images[{i}]",
                                     "move the image next to the flow (or below it), or give its https: URL"))
-        elif not is_url(where) and not _is_file(base / where):
+        elif not is_url(where) and not is_regular(base / where):
             problems.append(Problem(f"the image file {where} does not exist (looked for {base / where})",
                                     source.location(path), f"{spec.path_text}.images[{i}]",
                                     "the path is relative to the flow file's folder"))
     return problems
-
-
-def _is_file(path: Path) -> bool:
-    try:
-        return path.is_file()
-    except (OSError, ValueError):  # a NUL in the name, a name too long
-        return False
-
-
-def _inside(base: Path, name: str) -> bool:
-    try:
-        return (base / Path(name).expanduser()).resolve().is_relative_to(base)
-    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL in the name
-        return False
 
 
 def referenced(spec_value: Any, count: int) -> list[bool]:
@@ -182,11 +168,8 @@ def data_url(base: Path, name: str, what: str) -> str:
     file as written, never its absolute path (through `serve` they reach a client)."""
     import base64  # here: `validate` never reads an image
 
-    try:
-        path = (base / Path(name).expanduser()).resolve()
-    except (OSError, RuntimeError, ValueError):
-        path = None
-    if path is None or not path.is_relative_to(base):
+    path = confined(base, name)
+    if path is None:
         raise StepFailed(f"{what}: {_shown(name)} lies outside the flow file's folder: a chat_completion step "
                          "reads only images inside it", hint="move the image there, or give its https: URL")
     try:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FlowDefinitionError, Location
+from ..files import confined
 from ..flow.load import SourceMap
 
 _FILES: dict[tuple[str, int, int], tuple[Any, SourceMap]] = {}
@@ -22,15 +23,14 @@ def schema_path(flow_file: str, name: str) -> Path:
     """The schema file `name` (relative to the flow file's folder), or FlowDefinitionError when it
     lies outside that folder (symlinks resolved)."""
     base = flow_folder(flow_file).resolve()
-    try:
-        path = (base / Path(name).expanduser()).resolve()
-    except (OSError, RuntimeError, ValueError):  # a NUL in the name, a symlink loop, an unknown ~user
+    path = confined(base, name)
+    if path is not None:
+        return path
+    if confined(Path("/"), name) is None:  # not even a usable name: a NUL, a symlink loop, an unknown ~user
         raise FlowDefinitionError.at("not a usable file name",
-                                     hint="name a JSON or YAML file beside the flow, e.g. schemas/answer.json") from None
-    if not path.is_relative_to(base):
-        raise FlowDefinitionError.at("lies outside the flow file's folder",
-                                     hint="keep the schema beside the flow, or in a folder below it")
-    return path
+                                     hint="name a JSON or YAML file beside the flow, e.g. schemas/answer.json")
+    raise FlowDefinitionError.at("lies outside the flow file's folder",
+                                 hint="keep the schema beside the flow, or in a folder below it")
 
 
 def shown_name(flow_file: str, name: str) -> str:
