@@ -25,6 +25,10 @@ _MESSAGE = {"type": "object", "required": ["role", "content"],
                                "type": "object", "required": ["type"]}}]}}}  # text, or OpenAI content parts
 
 
+# What a streamed request adds to the body (usage comes in a last chunk); --dry-run shows the same.
+STREAMED = {"stream": True, "stream_options": {"include_usage": True}}
+
+
 class ChatCompletionStep(Step):
     type_name = "chat_completion"
     summary = "Streams a chat completion from OpenAI or Azure OpenAI; the text reaches the sink as it arrives."
@@ -177,8 +181,7 @@ class ChatCompletionStep(Step):
             from ..llm.replay import comparable
 
             # The body as it would go on the wire (extra_body merged, the stream fields), a data URL cut short.
-            streamed = {"stream": True, "stream_options": {"include_usage": True}} if p.get("stream", True) \
-                else {"stream": False}
+            streamed = STREAMED if p.get("stream", True) else {"stream": False}
             shown = options.wire_body({**comparable({**request, "messages": images.shortened(messages)}), **streamed})
             yield TextDelta(ctx.step_id, json.dumps({"step": ctx.step_id, "request": shown},
                                                     indent=2, ensure_ascii=False) + "\n")
@@ -260,7 +263,7 @@ class ChatCompletionStep(Step):
 
         tap: list[str] | None = [] if recorder is not None else None
         try:
-            body = options.wire_body({**request, "stream": True, "stream_options": {"include_usage": True}})
+            body = options.wire_body({**request, **STREAMED})
             response = await open_chat_stream(llm, body)
             try:
                 yield StreamStarted(step_id)
